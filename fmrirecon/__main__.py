@@ -1,0 +1,5 @@
+import sys
+
+from fmrirecon.cli import main
+
+sys.exit(main())
