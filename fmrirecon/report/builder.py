@@ -1,0 +1,303 @@
+"""Build the single-file HTML report: reconstructions beside truth, metrics with chance, losses, settings.
+
+The page is self-contained: every image (reconstructions, ground truth, loss plots) is an embedded base64 PNG
+data URI, the stylesheet is inline and nothing is fetched, so the file can be mailed or archived as it is.
+Every string that comes from a dataset or a user (captions, method names, paths, configs) goes through
+jinja2's autoescaping.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from fmrirecon.io import write_text_atomic
+from fmrirecon.report.inputs import (
+    GroundTruth,
+    ReconFolder,
+    ReportInputs,
+    RunInfo,
+    collect_inputs,
+    find_truth,
+)
+from fmrirecon.report.plots import array_to_png, loss_plot_png
+
+DEFAULT_MAX_IMAGES = 12
+# Column order of the metric table: the order the field's papers print them in (evaluation-protocol.md).
+METRIC_ORDER = (
+    "pixcorr", "ssim", "alexnet2", "alexnet5", "inception", "clip", "effnet", "swav",
+    "retrieval_image", "retrieval_brain", "fid", "is",
+)  # fmt: skip
+TWO_WAY_METRICS = frozenset({"alexnet2", "alexnet5", "inception", "clip"})
+# Correlation distances and FID: smaller is better; the table marks them so the reader does not misread them.
+LOWER_IS_BETTER = frozenset({"effnet", "swav", "fid"})
+# The retrieval protocol draws batches of 300 test samples (MindEye); smaller test sets use all of them.
+RETRIEVAL_POOL = 300
+_SETTINGS_POOL_KEYS = ("retrieval_pool", "retrieval_batch", "retrieval_batch_size")
+
+
+def chance_level(
+    metric: str, n_images: int | None = None, settings: dict[str, Any] | None = None
+) -> float | None:
+    """Expected score of a random reconstruction, or ``None`` where chance is not a single number.
+
+    ``settings["chance"][metric]`` (written by the evaluation) wins; otherwise: PixCorr and brain
+    correlations 0, two-way identification 0.5, top-1 retrieval 1/pool (pool = ``settings`` retrieval batch,
+    else ``min(300, n_images)``), ``nway_<n>`` 1/n. SSIM, correlation distances, FID and IS have no fixed
+    chance level.
+    """
+    settings = settings or {}
+    table = settings.get("chance")
+    if isinstance(table, dict) and isinstance(table.get(metric), int | float):
+        return float(table[metric])
+    if metric == "pixcorr" or metric.startswith("brain_corr"):
+        return 0.0
+    if metric in TWO_WAY_METRICS:
+        return 0.5
+    if metric.startswith("retrieval_"):
+        pool = next((settings[k] for k in _SETTINGS_POOL_KEYS if isinstance(settings.get(k), int)), None)
+        if pool is None and n_images:
+            pool = min(RETRIEVAL_POOL, n_images)
+        return 1.0 / pool if pool else None
+    nway = re.fullmatch(r"nway_(\d+)", metric)
+    if nway:
+        return 1.0 / int(nway.group(1))
+    return None
+
+
+def _metric_sort_key(metric: str) -> tuple:
+    if metric in METRIC_ORDER:
+        return (0, METRIC_ORDER.index(metric), 0, metric)
+    nway = re.fullmatch(r"nway_(\d+)", metric)
+    if nway:
+        return (1, 0, int(nway.group(1)), metric)
+    return (2, 0, 0, metric)
+
+
+def format_value(value: Any) -> str:
+    """A metric as the evaluation writes it: a number, ``{"mean", "ci": [lo, hi]}`` or ``{"mean", "std"}``."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4g}" if abs(value) >= 100 else f"{value:.3f}"
+    if isinstance(value, dict) and isinstance(value.get("mean"), int | float):
+        text = format_value(value["mean"])
+        ci = value.get("ci") or value.get("ci95")
+        if isinstance(ci, list | tuple) and len(ci) == 2:
+            return f"{text} [{format_value(ci[0])}, {format_value(ci[1])}]"
+        if isinstance(value.get("std"), int | float):
+            return f"{text} ± {format_value(value['std'])}"
+        return text
+    return str(value)
+
+
+def _label(method: str, variant: str | None) -> str:
+    return method if not variant else f"{method} · {variant}"
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _subject_label(subject: int | None) -> str:
+    return f"subj{subject:02d}" if subject is not None else "subject unknown"
+
+
+def _pretty_json(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str)
+
+
+def _image_section(
+    subject: int | None,
+    recons: list[ReconFolder],
+    truth: GroundTruth | None,
+    max_images: int,
+    samples_per_cell: int,
+) -> dict[str, Any]:
+    """Rows = test images (73k ids, the first ``max_images`` in id order); columns = truth + each recon."""
+    all_ids = sorted({i for r in recons for i in r.ids if i in r.images})
+    ids = all_ids[:max_images]
+    truth_images = truth.images(ids) if truth is not None else [None] * len(ids)
+    captions = truth.captions(ids) if truth is not None else [""] * len(ids)
+    rows = []
+    for image_id, truth_image, caption in zip(ids, truth_images, captions, strict=True):
+        cells = []
+        for recon in recons:
+            pngs = recon.images.get(image_id, [])[:samples_per_cell]
+            cells.append([_data_uri(p.read_bytes()) for p in pngs])
+        rows.append(
+            {
+                "id": image_id,
+                "caption": caption,
+                "truth": _data_uri(array_to_png(truth_image)) if truth_image is not None else None,
+                "cells": cells,
+            }
+        )
+    return {
+        "columns": [{"label": _label(r.method, r.variant), "path": str(r.path)} for r in recons],
+        "rows": rows,
+        "n_total": len(all_ids),
+    }
+
+
+def _metric_section(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Metric table for one subject: a chance row, then one row per (method, variant) result."""
+    if not results:
+        return None
+    metrics = sorted({m for r in results for m in r["metrics"]}, key=_metric_sort_key)
+    first = results[0]
+    chance = [chance_level(m, first.get("n_images"), first["_settings"]) for m in metrics]
+    return {
+        "columns": [{"name": m, "lower_is_better": m in LOWER_IS_BETTER} for m in metrics],
+        "chance": [format_value(c) if c is not None else "n/a" for c in chance],
+        "rows": [
+            {
+                "label": _label(r["method"], r.get("variant")),
+                "n_images": r.get("n_images", "—"),
+                "preset": r["_preset"] or "—",
+                "scores": [format_value(r["metrics"].get(m)) for m in metrics],
+            }
+            for r in results
+        ],
+    }
+
+
+def _run_section(run: RunInfo) -> dict[str, Any]:
+    title = f"{run.method} {_subject_label(run.subject)}"
+    plot = _data_uri(loss_plot_png(run.loss_logs, title)) if run.loss_logs else None
+    return {
+        "label": title,
+        "path": str(run.path),
+        "seed": run.run.get("seed", run.config.get("seed", "—")),
+        "stages": [log.stage for log in run.loss_logs],
+        "plot": plot,
+        "config": _pretty_json(run.config),
+        "run": _pretty_json(run.run),
+    }
+
+
+def render_report(
+    inputs: ReportInputs,
+    *,
+    truth: str | os.PathLike | None = None,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    samples_per_cell: int = 1,
+    skipped: list[dict[str, str]] = (),
+    title: str = "fmrirecon report",
+) -> str:
+    """Render the report as one HTML string (see :func:`build_report`)."""
+    import jinja2
+
+    from fmrirecon import __version__
+
+    if max_images < 1 or samples_per_cell < 1:
+        raise ValueError(
+            f"max_images and samples_per_cell must be >= 1, got {max_images} and {samples_per_cell}"
+        )
+    truth_path = Path(truth) if truth is not None else find_truth(inputs)
+    ground_truth = GroundTruth(truth_path) if truth_path is not None else None
+
+    results = [
+        {**r, "_settings": e.settings, "_preset": e.preset} for e in inputs.evaluations for r in e.results
+    ]
+    subjects = sorted(
+        {r["subject"] for r in results}
+        | {r.subject for r in inputs.recons}
+        | {r.subject for r in inputs.runs},
+        key=lambda s: (s is None, s or 0),
+    )
+    sections = []
+    for subject in subjects:
+        recons = sorted(
+            (r for r in inputs.recons if r.subject == subject), key=lambda r: (r.method, r.variant or "")
+        )
+        subject_results = sorted(
+            (r for r in results if r["subject"] == subject),
+            key=lambda r: (r["method"], r.get("variant") or ""),
+        )
+        runs = sorted((r for r in inputs.runs if r.subject == subject), key=lambda r: (r.method, str(r.path)))
+        sections.append(
+            {
+                "subject": subject,
+                "label": _subject_label(subject),
+                "images": _image_section(subject, recons, ground_truth, max_images, samples_per_cell)
+                if recons
+                else None,
+                "metrics": _metric_section(subject_results),
+                "runs": [_run_section(r) for r in runs],
+            }
+        )
+
+    all_skipped = list(skipped) + [s for e in inputs.evaluations for s in e.skipped]
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("fmrirecon.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return env.get_template("report.html.j2").render(
+        title=title,
+        version=__version__,
+        generated=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        truth_path=str(truth_path) if truth_path else None,
+        max_images=max_images,
+        sections=sections,
+        skipped=all_skipped,
+        evaluations=[
+            {
+                "path": str(e.path),
+                "preset": e.preset or "—",
+                "settings": _pretty_json(e.settings),
+                "versions": _pretty_json(e.versions),
+            }
+            for e in inputs.evaluations
+        ],
+    )
+
+
+def build_report(
+    sources: list[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    recon_dirs: list[str | os.PathLike] = (),
+    truth: str | os.PathLike | None = None,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    samples_per_cell: int = 1,
+    skipped: list[dict[str, str]] = (),
+    title: str = "fmrirecon report",
+) -> Path:
+    """Write a self-contained HTML report and return its path.
+
+    Args:
+        sources: metrics.json files, run directories, reconstruction folders, or folders holding any of them.
+        out: the HTML file to write (atomically).
+        recon_dirs: extra reconstruction folders (in addition to ``"recon_dir"`` entries of metrics results).
+        truth: prepared store or ``<id73k>.png`` folder with the ground truth; default: the store recorded in
+            the inputs (metrics settings ``truth``/``store``, then ``run.json``, then recon manifests).
+        max_images: image rows per subject (the first ids in 73k order), keeps the file small.
+        samples_per_cell: reconstructions shown per image and method (``k = 0..``).
+        skipped: ``[{"method", "reason"}]`` methods that could not run, listed with their reason.
+    """
+    inputs = collect_inputs(list(sources), list(recon_dirs))
+    html = render_report(
+        inputs,
+        truth=truth,
+        max_images=max_images,
+        samples_per_cell=samples_per_cell,
+        skipped=skipped,
+        title=title,
+    )
+    out = Path(out)
+    write_text_atomic(out, html)
+    return out
