@@ -1,0 +1,310 @@
+"""Functional core of the evaluation suite: pure functions on arrays, no models, no files.
+
+Every function follows the field's published evaluation code as summarised in
+``shared/reference/evaluation-protocol.md`` (MindEye ``Reconstruction_Metrics.py``, Brain-Diffuser
+``evaluate_reconstruction.py``, Mind Reader appendix A.4, CnD appendix 8.1, NeuralDiffuser Tab. 2). Per-image
+functions return one value per image so that the suite can average over samples or keep the best of k.
+
+Array conventions: ``N`` images, ``D`` flattened feature values, ``V`` voxels, ``C`` classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from scipy import linalg, stats
+
+# scikit-image's SSIM settings used by MindEye and Brain-Diffuser (Wang et al. 2004 Gaussian window).
+SSIM_KWARGS = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False, "data_range": 1.0}
+
+
+def _flatten_pair(a: np.ndarray, b: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{what}: both sets need the same image count, got {a.shape[0]} and {b.shape[0]}")
+    a = a.reshape(a.shape[0], -1)
+    b = b.reshape(b.shape[0], -1)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{what}: feature sizes differ per image, got {a.shape[1]} and {b.shape[1]}")
+    return a, b
+
+
+def _row_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r between row i of ``a`` and row i of ``b``; a, b: (N, D) -> (N,)."""
+    a = a.astype(np.float64) - a.mean(axis=1, keepdims=True, dtype=np.float64)
+    b = b.astype(np.float64) - b.mean(axis=1, keepdims=True, dtype=np.float64)
+    denom = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (a * b).sum(axis=1) / denom
+
+
+def pixcorr(recons: np.ndarray, truths: np.ndarray) -> np.ndarray:
+    """Pixel correlation per image (MindEye's PixCorr).
+
+    recons, truths: (N, ...) float images (any layout; each image is flattened, all channels together) -> (N,)
+    Pearson r between each reconstruction and its ground truth. The suite averages over images.
+    """
+    recons, truths = _flatten_pair(recons, truths, "pixcorr")
+    return _row_pearson(recons, truths)
+
+
+def rgb_to_gray(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) float in [0, 1] -> (N, H, W) luminance with scikit-image's ``rgb2gray`` weights."""
+    from skimage.color import rgb2gray
+
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"rgb_to_gray expects (N, H, W, 3) images, got shape {images.shape}")
+    return rgb2gray(images)
+
+
+def ssim(recons: np.ndarray, truths: np.ndarray, variant: str = "2d") -> np.ndarray:
+    """Structural similarity per image on grayscale images.
+
+    recons, truths: (N, H, W) float in [0, 1] -> (N,).
+    ``variant="2d"`` is true 2-D SSIM (scikit-image ``structural_similarity`` with ``SSIM_KWARGS``; MindEye).
+    ``variant="per_column"`` reproduces Brain-Diffuser's pinned scikit-image 0.17, whose
+    ``multichannel=True`` on a 2-D gray image treated the width axis as channels: the mean over the W
+    columns of 1-D SSIMs along the height.
+    """
+    from skimage.metrics import structural_similarity
+
+    recons = np.asarray(recons, dtype=np.float64)
+    truths = np.asarray(truths, dtype=np.float64)
+    if recons.shape != truths.shape or recons.ndim != 3:
+        raise ValueError(f"ssim expects two equal (N, H, W) gray stacks, got {recons.shape}, {truths.shape}")
+    if variant == "2d":
+        extra = {}
+    elif variant == "per_column":
+        extra = {"channel_axis": -1}
+    else:
+        raise ValueError(f"ssim variant must be '2d' or 'per_column', got {variant!r}")
+    return np.array([structural_similarity(r, t, **SSIM_KWARGS, **extra) for r, t in zip(recons, truths)])
+
+
+def _centred_unit_rows(x: np.ndarray) -> np.ndarray:
+    """(n, D) -> float64 rows with zero mean and unit norm, so a dot product is a Pearson r."""
+    x = x.astype(np.float64)
+    x -= x.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return x / norms
+
+
+def two_way_identification(
+    truth_features: np.ndarray, recon_features: np.ndarray, *, chunk_size: int = 64
+) -> np.ndarray:
+    """Two-way identification per reconstruction, the whole set as one pool (MindEye / Brain-Diffuser).
+
+    truth_features, recon_features: (N, ...) features of truth i and reconstruction j (flattened) -> (N,).
+    With r[i, j] the Pearson r between truth i and reconstruction j, entry j is the fraction of the N - 1
+    other truths i != j with r[i, j] < r[j, j]; the reported score is the mean over j (chance 0.5).
+
+    The N x N correlation is built in blocks of ``chunk_size`` rows and columns, so only two
+    (chunk_size, D) float64 blocks live at once (AlexNet ``features.4`` at 256 px has D = 184,512).
+    """
+    truth_features, recon_features = _flatten_pair(truth_features, recon_features, "two_way_identification")
+    n = truth_features.shape[0]
+    if n < 2:
+        raise ValueError(f"two_way_identification needs at least 2 images, got {n}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    congruent = _row_pearson(truth_features, recon_features)  # r[j, j], (N,)
+    wins = np.zeros(n, dtype=np.int64)
+    for r0 in range(0, n, chunk_size):
+        recon_block = _centred_unit_rows(recon_features[r0 : r0 + chunk_size])  # (c_r, D)
+        for t0 in range(0, n, chunk_size):
+            truth_block = _centred_unit_rows(truth_features[t0 : t0 + chunk_size])  # (c_t, D)
+            r = truth_block @ recon_block.T  # r[i, j], (c_t, c_r)
+            beaten = r < congruent[None, r0 : r0 + recon_block.shape[0]]
+            # the diagonal entry is r[j, j] itself; recomputed in another order it may differ in the last bit
+            overlap = np.arange(max(r0, t0), min(r0 + recon_block.shape[0], t0 + truth_block.shape[0]))
+            beaten[overlap - t0, overlap - r0] = False
+            wins[r0 : r0 + recon_block.shape[0]] += beaten.sum(axis=0)
+    return wins / (n - 1)
+
+
+def correlation_distance(truth_features: np.ndarray, recon_features: np.ndarray) -> np.ndarray:
+    """1 - Pearson r between each pair's flattened features (``scipy.spatial.distance.correlation``) -> (N,).
+
+    Used by EffNet-B and SwAV; lower is better.
+    """
+    truth_features, recon_features = _flatten_pair(truth_features, recon_features, "correlation_distance")
+    return 1.0 - _row_pearson(truth_features, recon_features)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def mean_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and two-sided t-interval of the mean over draws: (mean, low, high)."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    if len(values) < 2 or np.all(values == values[0]):
+        return mean, mean, mean
+    half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return mean, float(mean - half), float(mean + half)
+
+
+def retrieval_top1(
+    brain_embeddings: np.ndarray,
+    image_embeddings: np.ndarray,
+    *,
+    pool_size: int = 300,
+    n_draws: int = 30,
+    seed: int = 42,
+) -> dict:
+    """Top-1 retrieval among ``pool_size`` candidates, in both directions (MindEye / MindEye2).
+
+    brain_embeddings: (N, ...) the method's predicted embeddings; image_embeddings: (N, ...) the target-space
+    embeddings of the true images, row i of both belonging to image i. Each draw takes ``pool_size``
+    distinct rows uniformly without replacement (``np.random.default_rng(seed)``) and scores cosine
+    similarities sim[b, i] = <brain b, image i> of the L2-normalised flattened embeddings.
+
+    - **image retrieval**: for each brain sample b, is its own image the arg-max of sim[b, :]?
+    - **brain retrieval**: for each image i, is its own brain sample the arg-max of sim[:, i]?
+
+    Returns ``{"image": {"mean", "ci95", "draws"}, "brain": {...}, "pool_size", "n_draws", "seed", "chance"}``
+    where ``ci95`` is the t-interval of the mean over draws.
+    """
+    brain, image = _flatten_pair(brain_embeddings, image_embeddings, "retrieval_top1")
+    n = brain.shape[0]
+    if not 2 <= pool_size <= n:
+        raise ValueError(f"retrieval pool_size must be in [2, number of images = {n}], got {pool_size}")
+    brain, image = _unit_rows(brain), _unit_rows(image)
+    rng = np.random.default_rng(seed)
+    image_hits, brain_hits = [], []
+    target = np.arange(pool_size)
+    for _ in range(n_draws):
+        pool = rng.choice(n, size=pool_size, replace=False)
+        sim = brain[pool] @ image[pool].T  # (brain sample, image)
+        image_hits.append(float(np.mean(sim.argmax(axis=1) == target)))
+        brain_hits.append(float(np.mean(sim.argmax(axis=0) == target)))
+    out = {"pool_size": pool_size, "n_draws": n_draws, "seed": seed, "chance": 1.0 / pool_size}
+    for name, hits in (("image", image_hits), ("brain", brain_hits)):
+        mean, low, high = mean_interval(np.array(hits))
+        out[name] = {"mean": mean, "ci95": [low, high], "draws": hits}
+    return out
+
+
+def nway_identification(
+    truth_features: np.ndarray, recon_features: np.ndarray, n_way: int, *, repeats: int = 10, seed: int = 0
+) -> tuple[float, float]:
+    """Mind Reader's n-way identification (appendix A.4): (mean, sd) of the accuracy over ``repeats``.
+
+    truth_features, recon_features: (N, ...) pooled embeddings (Inception v3 ``avgpool`` 2048 in the paper).
+    For each reconstruction j, n - 1 distractor truths are drawn at random from the other N - 1; success
+    if the cosine similarity to its own truth is strictly the largest of the n. Chance = 1 / n.
+    """
+    truth, recon = _flatten_pair(truth_features, recon_features, "nway_identification")
+    n = truth.shape[0]
+    if not 2 <= n_way <= n:
+        raise ValueError(f"n-way identification needs 2 <= n <= N images ({n}), got n = {n_way}")
+    sim = _unit_rows(recon) @ _unit_rows(truth).T  # (recon j, truth i)
+    own = np.diag(sim)
+    rng = np.random.default_rng(seed)
+    accuracies = []
+    for _ in range(repeats):
+        keys = rng.random((n, n))
+        np.fill_diagonal(keys, np.inf)  # never draw the ground truth as its own distractor
+        distractors = np.argpartition(keys, n_way - 2, axis=1)[:, : n_way - 1]  # (N, n-1)
+        best_distractor = np.take_along_axis(sim, distractors, axis=1).max(axis=1)
+        accuracies.append(float(np.mean(own > best_distractor)))
+    return float(np.mean(accuracies)), float(np.std(accuracies))
+
+
+def nway_classification(
+    recon_probs: np.ndarray, truth_labels: np.ndarray, n_way: int, *, trials: int = 50, seed: int = 0
+) -> np.ndarray:
+    """CnD's n-way top-1 semantic classification (appendix 8.1, from MinD-Vis), per reconstruction -> (N,).
+
+    recon_probs: (N, C) class scores of each reconstruction; truth_labels: (N,) the class the same
+    classifier gives its ground truth. In each of ``trials`` trials, n - 1 other classes are drawn at
+    random; success if the ground truth class scores strictly highest among the n. Entry j is the success
+    rate of reconstruction j over trials.
+    """
+    recon_probs = np.asarray(recon_probs, dtype=np.float64)
+    truth_labels = np.asarray(truth_labels, dtype=np.int64)
+    if recon_probs.ndim != 2 or truth_labels.shape != (recon_probs.shape[0],):
+        raise ValueError(
+            "nway_classification expects probs (N, C) and labels (N,), "
+            f"got {recon_probs.shape} and {truth_labels.shape}"
+        )
+    n, n_classes = recon_probs.shape
+    if not 2 <= n_way <= n_classes:
+        raise ValueError(f"n-way classification needs 2 <= n <= C classes ({n_classes}), got n = {n_way}")
+    rng = np.random.default_rng(seed)
+    own = recon_probs[np.arange(n), truth_labels]
+    success = np.zeros(n)
+    for _ in range(trials):
+        keys = rng.random((n, n_classes))
+        keys[np.arange(n), truth_labels] = np.inf
+        others = np.argpartition(keys, n_way - 2, axis=1)[:, : n_way - 1]
+        success += own > np.take_along_axis(recon_probs, others, axis=1).max(axis=1)
+    return success / trials
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray, eps: float = 1e-6) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (FID on Inception pools).
+
+    features_a: (N, D), features_b: (M, D). ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))
+    (Heusel et al. 2017); when the product is singular (N < D), ``eps`` is added to both diagonals as
+    pytorch-fid does.
+    """
+    a = np.asarray(features_a, dtype=np.float64).reshape(len(features_a), -1)
+    b = np.asarray(features_b, dtype=np.float64).reshape(len(features_b), -1)
+    if a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
+        raise ValueError(f"frechet_distance needs two (>=2, D) sets of equal D, got {a.shape} and {b.shape}")
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    covmean = linalg.sqrtm(cov_a @ cov_b)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(cov_a)) * eps
+        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    covmean = covmean.real
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
+
+
+def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))), mean and sd over ``splits``.
+
+    probs: (N, C) class probabilities (softmax of the Inception v3 logits). ``splits`` is capped at N.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or len(probs) < 1:
+        raise ValueError(f"inception_score expects probabilities (N, C), got shape {probs.shape}")
+    scores = []
+    for part in np.array_split(probs, min(splits, len(probs))):
+        marginal = part.mean(axis=0, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0).sum(axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def brain_correlation(
+    predicted: np.ndarray, measured: np.ndarray, rois: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Pearson r per image between predicted and measured responses within each ROI (NeuralDiffuser Tab. 2).
+
+    predicted: (N, V) an encoding model's responses to the reconstructions; measured: (N, V) repeat-averaged
+    responses to the true images; rois: name -> bool (V,) voxel mask. Returns name -> (N,) per-image r.
+    """
+    predicted = np.asarray(predicted, dtype=np.float64)
+    measured = np.asarray(measured, dtype=np.float64)
+    if predicted.shape != measured.shape or predicted.ndim != 2:
+        raise ValueError(f"brain_correlation needs two (N, V) arrays, got {predicted.shape} {measured.shape}")
+    out = {}
+    for name, mask in rois.items():
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (predicted.shape[1],):
+            raise ValueError(f"ROI {name!r} mask must have shape ({predicted.shape[1]},), got {mask.shape}")
+        if mask.sum() < 2:
+            raise ValueError(f"ROI {name!r} has {int(mask.sum())} voxels; a correlation needs at least 2")
+        out[name] = _row_pearson(predicted[:, mask], measured[:, mask])
+    return out
