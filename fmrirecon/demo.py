@@ -1,0 +1,418 @@
+"""`fmrirecon demo`: the whole pipeline on the embedded synthetic world, with no arguments.
+
+Stages (one direction, DESIGN.md): make the synthetic world in the NSD layout (reused if present) → prepare
+the store (reused if present) → for every registered method and every demo subject: train, reconstruct the
+shared test images → evaluate every reconstruction folder with the ``world`` preset → ``DIR/metrics.json``
+(evaluation schema, plus a ``"skipped"`` list) → ``DIR/report.html``.
+
+A method whose module cannot be imported is *skipped with its reason* (shown in the report), and a method
+that fails while training or reconstructing is reported the same way, so one broken method never hides the
+others.
+
+Output folder::
+
+    DIR/runs/<method>/subjXX/               run dirs (config.json, run.json, <stage>/metrics.jsonl, weights)
+    DIR/recon/<method>/<variant>/subjXX/    reconstruction folders (manifest.json, images/<id73k>_<k>.png)
+    DIR/metrics.json  DIR/report.html  DIR/demo.json (profile, timings, skipped)
+
+The calls into the other layers are the fields of :class:`DemoStages`, so tests can swap the expensive ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fmrirecon.errors import ConfigError
+from fmrirecon.io import library_versions, read_json, write_json_atomic
+from fmrirecon.paths import data_home
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path("fmrirecon_demo")
+EVALUATION_PRESET = "world"
+
+
+@dataclass(frozen=True)
+class DemoProfile:
+    """How much work the demo does. ``default`` fits 20 minutes on 2 CPU cores, ``quick`` 3 minutes.
+
+    Attributes:
+        name: ``"default"`` or ``"quick"``.
+        n_subjects: demo subjects (the first ``n_subjects`` of the store).
+        samples: reconstructions per test image (K).
+        max_test_images: reconstruct only the first n shared test images (73k-id order); None = all.
+        report_images: image rows per subject in the report.
+        method_overrides: dotted config overrides per method (on top of the method's world config), e.g. fewer
+            training steps for ``quick``.
+    """
+
+    name: str
+    n_subjects: int
+    samples: int
+    max_test_images: int | None
+    report_images: int = 12
+    method_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+PROFILES: dict[str, DemoProfile] = {
+    "default": DemoProfile(name="default", n_subjects=2, samples=2, max_test_images=None),
+    "quick": DemoProfile(name="quick", n_subjects=1, samples=1, max_test_images=16, report_images=8),
+}
+
+
+@dataclass
+class MethodOutcome:
+    """What happened to one method: its run and recon dirs, or why it was skipped."""
+
+    method: str
+    run_dirs: list[Path] = field(default_factory=list)
+    recon_dirs: list[Path] = field(default_factory=list)
+    skipped_reason: str | None = None
+    failed: bool = False
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    metrics: Path
+    report: Path
+    outcomes: list[MethodOutcome]
+    timings: dict[str, float]
+
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        return [{"method": o.method, "reason": o.skipped_reason} for o in self.outcomes if o.skipped_reason]
+
+    @property
+    def failed(self) -> bool:
+        return any(o.failed for o in self.outcomes)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Stage implementations calling the other layers (replaceable in tests through DemoStages)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def make_world(world_dir: Path, profile: DemoProfile, seed: int) -> Path:
+    """Write the synthetic world in the NSD layout under ``world_dir`` unless it is already there."""
+    from fmrirecon.data import synthetic
+
+    if (world_dir / "nsddata" / "experiments" / "nsd" / "nsd_expdesign.mat").is_file():
+        return world_dir
+    synthetic.write_synthetic_nsd(world_dir, seed=seed)
+    return world_dir
+
+
+def prepare_store(world_dir: Path, store_dir: Path, profile: DemoProfile) -> Path:
+    """Prepare the world into a store under ``store_dir`` unless a store is already there."""
+    from fmrirecon.data import prepare
+
+    if (store_dir / "manifest.json").is_file():
+        return store_dir
+    prepare.prepare_nsd(world_dir, store_dir)
+    return store_dir
+
+
+def load_store(store_dir: Path):
+    from fmrirecon.data.store import PreparedStore
+
+    return PreparedStore(store_dir)
+
+
+def resolve_method(name: str) -> type:
+    """The method's class; any failure to import it becomes a :class:`ConfigError` carrying the reason."""
+    from fmrirecon.methods import get_method
+
+    try:
+        return get_method(name)
+    except ConfigError:
+        raise
+    except Exception as err:  # a method module that crashes on import must not stop the demo
+        raise ConfigError(f"method '{name}' failed to import: {type(err).__name__}: {err}") from err
+
+
+def method_config(method_cls: type, profile: DemoProfile) -> Any:
+    """The method's world config (``configs/<method>/world.yaml`` if shipped) with the profile's overrides."""
+    config_dir = Path(__file__).parent / "configs" / method_cls.name
+    world_yaml = config_dir / "world.yaml"
+    return method_cls.config_from(
+        world_yaml if world_yaml.is_file() else None, list(profile.method_overrides.get(method_cls.name, ()))
+    )
+
+
+def train_method(
+    method_cls: type, config: Any, store, store_dir: Path, subject: int, run_dir: Path, seed: int
+):
+    """``init_run_dir`` + ``fit`` (what ``fmrirecon train`` does); returns the fitted method."""
+    import shutil
+
+    from fmrirecon.methods.base import init_run_dir
+
+    # The demo owns its run dirs: a rerun (maybe with the other profile) trains afresh instead of refusing a
+    # run dir that holds a different config.
+    if run_dir.is_dir():
+        shutil.rmtree(run_dir)
+    init_run_dir(
+        run_dir, method=method_cls.name, config=config, subject=subject, store_path=store_dir, seed=seed
+    )
+    method = method_cls(config)
+    method.fit(store, subject, run_dir, seed=seed)
+    return method
+
+
+def write_recon_dir(
+    recon_dir: Path,
+    *,
+    method: str,
+    subject: int,
+    variant: str,
+    ids: np.ndarray,
+    images: np.ndarray,
+    brain_embeddings: np.ndarray | None,
+    image_embeddings: np.ndarray | None,
+    extra: dict[str, Any],
+) -> Path:
+    """Write a reconstruction folder (docs/contracts.md): ``images (N, K, H, W, 3)`` by 73k ``ids (N,)``."""
+    from PIL import Image
+
+    from fmrirecon.io import atomic_path
+
+    if images.ndim != 5 or images.shape[0] != len(ids) or images.dtype != np.uint8:
+        raise ValueError(
+            f"images must be uint8 (N={len(ids)}, K, H, W, 3), got {images.dtype} {images.shape}"
+        )
+    with atomic_path(recon_dir) as tmp:
+        (tmp / "images").mkdir(parents=True)
+        for image_id, samples in zip(ids, images, strict=True):
+            for k, image in enumerate(samples):
+                Image.fromarray(image).save(tmp / "images" / f"{int(image_id)}_{k}.png")
+        if brain_embeddings is not None:
+            np.save(tmp / "brain_embeddings.npy", brain_embeddings)
+        if image_embeddings is not None:
+            np.save(tmp / "image_embeddings.npy", image_embeddings)
+        write_json_atomic(
+            tmp / "manifest.json",
+            {
+                "method": method,
+                "subject": int(subject),
+                "variant": variant,
+                "ids": [int(i) for i in ids],
+                "samples": int(images.shape[1]),
+                **extra,
+            },
+        )
+    return recon_dir
+
+
+def reconstruct_test_set(
+    method, store, store_dir: Path, subject: int, recon_root: Path, profile: DemoProfile, seed: int
+) -> list[Path]:
+    """Reconstruct the subject's repeat-averaged shared test images, one folder per variant."""
+    ids, betas = store.subject(subject).averaged("test")
+    if profile.max_test_images is not None:
+        # Test ids come sorted; the first n keep the 73k order and the same images across subjects.
+        ids, betas = ids[: profile.max_test_images], betas[: profile.max_test_images]
+    brain = method.brain_embeddings(betas)
+    image_side = method.image_embeddings(store.images(ids)) if brain is not None else None
+    recon_dirs = []
+    for variant in method.variants():
+        images = method.reconstruct(betas, profile.samples, seed, variant=variant)
+        recon_dirs.append(
+            write_recon_dir(
+                recon_root / variant / f"subj{subject:02d}",
+                method=method.name,
+                subject=subject,
+                variant=variant,
+                ids=ids,
+                images=images,
+                brain_embeddings=brain,
+                image_embeddings=image_side,
+                extra={"store": str(store_dir.resolve()), "seed": seed},
+            )
+        )
+    return recon_dirs
+
+
+def evaluate(recon_dirs: list[Path], store_dir: Path, preset: str) -> dict[str, Any]:
+    from fmrirecon.evaluation import evaluate_reconstructions
+
+    return evaluate_reconstructions(recon_dirs, store_dir, preset)
+
+
+def available_methods() -> list[str]:
+    from fmrirecon.methods import available_methods as registry
+
+    return registry()
+
+
+@dataclass
+class DemoStages:
+    """The calls the demo makes into the other layers, one per stage (defaults: the real ones)."""
+
+    make_world: Callable[[Path, DemoProfile, int], Path] = make_world
+    prepare_store: Callable[[Path, Path, DemoProfile], Path] = prepare_store
+    load_store: Callable[[Path], Any] = load_store
+    available_methods: Callable[[], list[str]] = available_methods
+    resolve_method: Callable[[str], type] = resolve_method
+    method_config: Callable[[type, DemoProfile], Any] = method_config
+    train_method: Callable[..., Any] = train_method
+    reconstruct_test_set: Callable[..., list[Path]] = reconstruct_test_set
+    evaluate: Callable[[list[Path], Path, str], dict[str, Any]] = evaluate
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Orchestration
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _relink_results(evaluation: dict[str, Any], recon_dirs: list[Path], out: Path) -> dict[str, Any]:
+    """Add the ``"recon_dir"`` the report needs (relative to ``out``) to results that lack it."""
+    by_key = {}
+    for recon_dir in recon_dirs:
+        manifest = read_json(recon_dir / "manifest.json")
+        by_key[(manifest["method"], int(manifest["subject"]), manifest.get("variant"))] = recon_dir
+    for result in evaluation.get("results", []):
+        if "recon_dir" in result:
+            continue
+        recon_dir = by_key.get((result["method"], int(result["subject"]), result.get("variant")))
+        if recon_dir is not None:
+            result["recon_dir"] = os.path.relpath(recon_dir.resolve(), out.resolve())
+    return evaluation
+
+
+def run_demo(
+    out: str | os.PathLike = DEFAULT_OUT,
+    *,
+    quick: bool = False,
+    data: str | os.PathLike | None = None,
+    methods: Sequence[str] | None = None,
+    seed: int = 0,
+    stages: DemoStages | None = None,
+    echo: Callable[[str], None] = print,
+) -> DemoResult:
+    """Run the demo end to end; see the module docstring for the stages and the output folder.
+
+    Args:
+        out: output folder (``./fmrirecon_demo`` by default).
+        quick: the 3-minute profile (1 subject, fewer test images, samples and steps).
+        data: data home holding ``world/`` (NSD layout) and ``world_store/``; default :func:`data_home`.
+        methods: method names to run; default every registered method.
+        seed: one seed for the world, training and sampling (same seed → same outputs).
+        stages: replacements for the layer calls (tests).
+        echo: where per-stage progress messages go.
+    """
+    from fmrirecon.report import build_report
+
+    stages = stages or DemoStages()
+    profile = PROFILES["quick" if quick else "default"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    home = data_home(data)
+    world_dir, store_dir = home / "world", home / "world_store"
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def stage(name: str, message: str) -> float:
+        echo(f"[demo] {name}: {message}")
+        return time.perf_counter()
+
+    t = stage("world", f"synthetic world in NSD layout at {world_dir} (reused if present)")
+    world_dir = Path(stages.make_world(world_dir, profile, seed))
+    timings["world"] = time.perf_counter() - t
+
+    t = stage("prepare", f"prepared store at {store_dir} (reused if present)")
+    store_dir = Path(stages.prepare_store(world_dir, store_dir, profile))
+    store = stages.load_store(store_dir)
+    subjects = list(store.subjects)[: profile.n_subjects]
+    if not subjects:
+        raise ConfigError(f"the store at {store_dir} holds no subjects; delete it and run the demo again")
+    timings["prepare"] = time.perf_counter() - t
+
+    names = list(methods) if methods is not None else stages.available_methods()
+    outcomes: list[MethodOutcome] = []
+    for name in names:
+        outcome = MethodOutcome(method=name)
+        outcomes.append(outcome)
+        try:
+            method_cls = stages.resolve_method(name)
+            config = stages.method_config(method_cls, profile)
+        except ConfigError as err:
+            outcome.skipped_reason = str(err)
+            echo(f"[demo] {name}: skipped — {err}")
+            continue
+        for subject in subjects:
+            run_dir = out / "runs" / name / f"subj{subject:02d}"
+            t = stage(f"train {name}", f"subj{subject:02d} → {run_dir}")
+            try:
+                method = stages.train_method(method_cls, config, store, store_dir, subject, run_dir, seed)
+                timings[f"train/{name}/subj{subject:02d}"] = time.perf_counter() - t
+                outcome.run_dirs.append(run_dir)
+                t = stage(
+                    f"reconstruct {name}", f"subj{subject:02d} test images, {profile.samples} sample(s)"
+                )
+                outcome.recon_dirs += stages.reconstruct_test_set(
+                    method, store, store_dir, subject, out / "recon" / name, profile, seed
+                )
+                timings[f"reconstruct/{name}/subj{subject:02d}"] = time.perf_counter() - t
+            except Exception as err:  # one broken method must not hide the others' results
+                logger.debug("demo: %s failed\n%s", name, traceback.format_exc())
+                outcome.failed = True
+                outcome.skipped_reason = f"failed on subj{subject:02d}: {type(err).__name__}: {err}"
+                echo(f"[demo] {name}: FAILED — {outcome.skipped_reason}")
+                break
+
+    recon_dirs = [d for o in outcomes if not o.failed for d in o.recon_dirs]
+    t = stage("evaluate", f"{len(recon_dirs)} reconstruction folder(s), preset '{EVALUATION_PRESET}'")
+    if recon_dirs:
+        evaluation = stages.evaluate(recon_dirs, store_dir, EVALUATION_PRESET)
+        evaluation = _relink_results(dict(evaluation), recon_dirs, out)
+    else:
+        evaluation = {
+            "preset": EVALUATION_PRESET,
+            "settings": {},
+            "versions": library_versions(),
+            "results": [],
+        }
+    evaluation.setdefault("settings", {}).setdefault("store", str(store_dir.resolve()))
+    result = DemoResult(
+        out=out, metrics=out / "metrics.json", report=out / "report.html", outcomes=outcomes, timings=timings
+    )
+    evaluation["skipped"] = result.skipped
+    write_json_atomic(result.metrics, evaluation)
+    timings["evaluate"] = time.perf_counter() - t
+
+    t = stage("report", f"{result.report}")
+    run_dirs = [d for o in outcomes for d in o.run_dirs]
+    build_report(
+        [result.metrics, *run_dirs],
+        result.report,
+        truth=store_dir,
+        max_images=profile.report_images,
+        title=f"fmrirecon demo ({profile.name})",
+    )
+    timings["report"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - started
+    write_json_atomic(
+        out / "demo.json",
+        {
+            "profile": asdict(profile),
+            "seed": seed,
+            "data": {"world": str(world_dir), "store": str(store_dir)},
+            "subjects": subjects,
+            "methods": names,
+            "skipped": result.skipped,
+            "timings_s": {k: round(v, 2) for k, v in timings.items()},
+            "versions": library_versions(),
+        },
+    )
+    echo(f"[demo] done in {timings['total']:.0f} s — report: {result.report.resolve()}")
+    return result
