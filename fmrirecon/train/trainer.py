@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -222,6 +223,9 @@ class Trainer:
         train_cfg_dict = config_to_dict(cfg)
 
         accelerator = Accelerator(
+            # `accelerate launch --multi_gpu` on a machine without GPUs: accelerate only sets up gloo
+            # data parallelism when told to run on CPU.
+            cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
             gradient_accumulation_steps=cfg.grad_accum,
             mixed_precision=cfg.mixed_precision,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=self.seed),
