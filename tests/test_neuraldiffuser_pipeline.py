@@ -1,0 +1,196 @@
+"""Guided reconstruction (Algorithm 1) on tiny random diffusers components, and the voting retrieval."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fmrirecon.methods.neuraldiffuser.pipeline import (
+    FeatureGuidance,
+    ReconstructionSettings,
+    imagenet_as_clip_input,
+    mean_pairwise_similarity,
+    reconstruct_images,
+)
+from fmrirecon.methods.neuraldiffuser.retrieval import cosine_similarities, vote_top1, voting_retrieval
+
+
+class TinyFeatures(nn.Module):
+    """Stands in for the CLIP image encoder: fixed random convs, one ``(B, T, W)`` token map per layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.convs = nn.ModuleList([nn.Conv2d(3, 6, 4, stride=4), nn.Conv2d(6, 6, 2, stride=2)])
+        self.requires_grad_(False)
+
+    def image_hidden_states(self, images, layers):
+        out, h = [], images
+        for conv in self.convs:
+            h = torch.tanh(conv(h))
+            out.append(h.flatten(2).transpose(1, 2))
+        return [out[i - 1] for i in layers]
+
+
+@pytest.fixture(scope="module")
+def tiny_ld():
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from fmrirecon.backbones.diffusion import LatentDiffusion
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
+    empty = torch.randn(1, 5, 12)
+
+    class Tiny(LatentDiffusion):
+        def empty_text_embedding(self):
+            return empty
+
+    return Tiny(vae, unet, scheduler, nn.Identity(), None)
+
+
+def _inputs(n=2):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(n, 5, 12, generator=g), torch.randn(n, 4, 8, 8, generator=g)
+
+
+def test_settings_follow_the_paper():
+    s = ReconstructionSettings()
+    assert (s.steps_run, s.guided_steps, s.cfg_scale, s.guidance_scale) == (37, 7, 7.5, 300_000.0)
+
+
+def test_zero_guidance_equals_unguided_and_seed_is_deterministic(tiny_ld):
+    clip = TinyFeatures()
+    text, latents = _inputs()
+    targets = [torch.randn(2, 4, 6), torch.randn(2, 1, 6)]
+    base = dict(num_steps=10, strength=0.8, cfg_scale=2.0)
+    off = reconstruct_images(
+        tiny_ld, text, latents, settings=ReconstructionSettings(**base), samples=2, seed=5, progress=False
+    )
+    zero = reconstruct_images(
+        tiny_ld,
+        text,
+        latents,
+        clip=clip,
+        layers=(1, 2),
+        guidance_targets=targets,
+        settings=ReconstructionSettings(**base, guidance_scale=0.0),
+        samples=2,
+        seed=5,
+        progress=False,
+    )
+    again = reconstruct_images(
+        tiny_ld, text, latents, settings=ReconstructionSettings(**base), samples=2, seed=5, progress=False
+    )
+    assert off.shape == (2, 2, 3, 16, 16)
+    assert torch.equal(off, zero) and torch.equal(off, again)
+    other = reconstruct_images(
+        tiny_ld, text, latents, settings=ReconstructionSettings(**base), samples=2, seed=6, progress=False
+    )
+    assert not torch.equal(off, other)
+
+
+@pytest.mark.parametrize("tweedie", ["paper", "code"])
+def test_guidance_loss_decreases_along_guided_steps(tiny_ld, tweedie):
+    clip = TinyFeatures()
+    text, latents = _inputs(1)
+    # Targets: the features of a fixed image, so the guidance pulls the reconstruction towards it.
+    goal = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    targets = clip.image_hidden_states(goal, [1, 2])
+    settings = ReconstructionSettings(
+        num_steps=10,
+        strength=1.0,
+        cfg_scale=1.0,
+        guidance_scale=200.0,
+        guidance_strength=0.6,
+        tweedie=tweedie,
+    )
+    histories = []
+    guided = reconstruct_images(
+        tiny_ld,
+        text,
+        latents,
+        clip=clip,
+        layers=(1, 2),
+        guidance_targets=targets,
+        settings=settings,
+        samples=1,
+        seed=0,
+        progress=False,
+        histories=histories,
+    )
+    history = histories[0]
+    assert len(history) == settings.guided_steps == 6
+    assert history[-1] < history[0]
+    unguided = reconstruct_images(
+        tiny_ld,
+        text,
+        latents,
+        settings=settings.__class__(**{**settings.__dict__, "guidance_scale": 0.0}),
+        samples=1,
+        seed=0,
+        progress=False,
+    )
+    hook = FeatureGuidance(targets, tiny_ld.decode_latents, lambda x: clip.image_hidden_states(x, [1, 2]))
+    assert hook.loss(guided[:, 0]).item() < hook.loss(unguided[:, 0]).item()
+
+
+def test_imagenet_option_maps_onto_clip_normalisation():
+    x = torch.rand(2, 3, 4, 4)
+    clip_mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    clip_std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    seen = (imagenet_as_clip_input(x) - clip_mean) / clip_std
+    expected = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]
+    ).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen, expected)
+
+
+def test_mean_pairwise_similarity():
+    same = torch.rand(3, 1, 3, 4, 4).expand(3, 4, 3, 4, 4)
+    assert mean_pairwise_similarity(same) == pytest.approx(1.0)
+    noise = torch.randn(3, 5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert abs(mean_pairwise_similarity(noise)) < 0.1
+
+
+def test_vote_top1_majority_and_tie_break():
+    # 3 layers, 1 query, 3 candidates: layers vote 2, 2, 0 → candidate 2 wins.
+    sims = np.array([[[0.1, 0.2, 0.9]], [[0.3, 0.1, 0.8]], [[0.9, 0.1, 0.2]]])
+    assert vote_top1(sims).tolist() == [2]
+    # 2 layers split 0 vs 1: the higher summed similarity decides.
+    sims = np.array([[[0.9, 0.8, 0.0]], [[0.1, 0.5, 0.0]]])
+    assert vote_top1(sims).tolist() == [1]
+
+
+def test_voting_retrieval_perfect_chance_and_shapes():
+    rng = np.random.default_rng(0)
+    layers = [rng.normal(size=(40, 16)) for _ in range(3)]
+    noisy = [x + 0.1 * rng.normal(size=x.shape) for x in layers]
+    out = voting_retrieval(noisy, layers, pool_size=300)
+    assert out["pool_size"] == 40 and out["retrieval_image"] == 1.0 and out["retrieval_brain"] == 1.0
+    random = voting_retrieval([rng.normal(size=(40, 16)) for _ in range(3)], layers, pool_size=10, n_draws=20)
+    assert random["retrieval_image"] < 0.3 and random["chance"] == 0.1
+    assert cosine_similarities(layers[0], layers[0]).diagonal() == pytest.approx(np.ones(40))
+    with pytest.raises(ValueError, match="same non-zero number of layers"):
+        voting_retrieval(layers[:2], layers)
