@@ -178,6 +178,7 @@ def _prepare_subject(
     import h5py
 
     mask = reader.voxel_mask(subject, roi)
+    reader.check_grid(subject, 1, mask.shape, betas_format)
     _, affine = reader.roi_volume(subject, roi)
     voxel_ijk = np.argwhere(mask)  # (V, 3), sorted by i, j, k — the store's voxel order
     trials = reader.trial_table(subject, n_sessions, betas_format)
