@@ -1,5 +1,4 @@
-"""Typed experiment configs: dataclasses filled from small YAML override files and dotted ``key=value``
-overrides.
+"""Typed experiment configs: dataclasses filled from YAML override files and dotted ``key=value`` overrides.
 
 A method's ``Config`` dataclass holds the paper's defaults; a YAML file under ``configs/<method>/`` and
 command-line overrides change only what they name (STYLE.md §3, nanoGPT's configurator). Every key is checked
@@ -198,8 +197,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``["a.b=3", "c=[1, 2]"]`` → ``{"a": {"b": 3}, "c": [1, 2]}``; values are parsed as YAML
-    scalars/lists."""
+    """``["a.b=3", "c=[1, 2]"]`` → ``{"a": {"b": 3}, "c": [1, 2]}``; values are parsed as YAML."""
     nested: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")

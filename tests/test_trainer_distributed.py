@@ -45,7 +45,8 @@ SCRIPT = textwrap.dedent(
     result = Trainer(config, out / "run", seed=0).fit(model, DataLoader(TensorDataset(x, y), batch_size=4,
                                                                         shuffle=True), stage="pretrain")
     state = PartialState()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{state.process_index}.safetensors"))
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(out / f"rank{state.process_index}.safetensors"))
     print(f"rank {state.process_index}/{state.num_processes} backend={state.backend} steps={result.steps}")
     """
 )

@@ -80,8 +80,7 @@ class ReconMethod(abc.ABC):
     # --------------------------------------------------------------- interface
     @abc.abstractmethod
     def fit(self, store, subject: int, run_dir: str | os.PathLike, *, seed: int = 0) -> None:
-        """Train on ``store``'s ``subject`` (training split) and save everything ``load`` needs under
-        ``run_dir``."""
+        """Train on ``store``'s ``subject`` (train split); save all that ``load`` needs in ``run_dir``."""
 
     @classmethod
     @abc.abstractmethod
@@ -105,8 +104,7 @@ class ReconMethod(abc.ABC):
         """
 
     def brain_embeddings(self, betas: np.ndarray) -> np.ndarray | None:
-        """(N, V) → (N, D) embeddings for retrieval against :meth:`image_embeddings`, or None if the method
-        has none."""
+        """(N, V) → (N, D) embeddings for retrieval against :meth:`image_embeddings`, or None."""
         return None
 
     def image_embeddings(self, images: np.ndarray) -> np.ndarray | None:

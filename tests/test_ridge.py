@@ -1,0 +1,191 @@
+"""Ridge baseline: the himalaya CV fit equals a brute-force scikit-learn search, a planted signal is decoded,
+save→load round trip, deterministic reconstruction, subject checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from sklearn.linear_model import Ridge
+from sklearn.model_selection import KFold
+
+from fmrirecon.data.store import PreparedStore
+from fmrirecon.errors import ConfigError, SubjectMismatchError
+from fmrirecon.methods import get_method
+from fmrirecon.methods.base import init_run_dir
+from fmrirecon.methods.ridge import RidgeConfig, RidgeMethod, fit_ridge_cv, restandardize
+
+COLOURS = ("red", "green", "blue", "yellow")
+SHAPES = ("square", "star", "triangle", "house")
+
+
+def write_tiny_store(path: Path, voxels: dict[int, int], n_images: int = 56, n_test: int = 12, seed: int = 0):
+    """A prepared store in the contract layout with a planted linear code: betas = pixels(4x4x3) @ W + ε."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    ids = np.sort(rng.choice(73000, size=n_images, replace=False)).astype(np.int64)
+    coarse = rng.random((n_images, 4, 4, 3))
+    images = (np.kron(coarse, np.ones((1, 8, 8, 1))) * 255).round().astype(np.uint8)  # (N, 32, 32, 3)
+    captions = [
+        [f"a {COLOURS[int(np.argmax(coarse[i].mean((0, 1))) % 4)]} {SHAPES[(i + k) % 4]}" for k in range(4)]
+        + ["a thing"]  # one vague caption, as in the world
+        for i in range(n_images)
+    ]
+    with h5py.File(path / "stimuli.hdf5", "w") as f:
+        f["images"] = images
+        f["ids_73k"] = ids
+        f.create_dataset("captions", data=np.array(captions, dtype=object), dtype=h5py.string_dtype())
+    shared = np.zeros(n_images, dtype=bool)
+    shared[rng.choice(n_images, size=n_test, replace=False)] = True
+    features = coarse.reshape(n_images, -1) - 0.5
+    for subject, n_vox in voxels.items():
+        weights = rng.standard_normal((features.shape[1], n_vox))
+        order = np.concatenate([rng.permutation(n_images), rng.permutation(n_images)])  # 2 repeats
+        betas = features[order] @ weights + 0.5 * rng.standard_normal((order.size, n_vox))
+        trials = {
+            "image_id_73k": ids[order],
+            "session": (np.arange(order.size) >= n_images).astype(np.int64) + 1,
+            "repeat": (np.arange(order.size) >= n_images).astype(np.int64),
+            "shared": shared[order],
+            "global_trial": np.arange(order.size),
+            "trial_in_session": np.arange(order.size) % n_images,
+        }
+        with h5py.File(path / f"subj{subject:02d}.hdf5", "w") as f:
+            f["betas"] = betas.astype(np.float32)
+            for name, values in trials.items():
+                f[f"trials/{name}"] = values
+            f["voxel_ijk"] = np.stack(np.unravel_index(np.arange(n_vox), (8, 8, 8)), 1)
+            f["affine"] = np.eye(4)
+            f.attrs["subject"] = subject
+            f.attrs["n_sessions"] = 2
+    manifest = {
+        "format": "fmrirecon-store",
+        "version": 1,
+        "source": {"kind": "test"},
+        "subjects": sorted(voxels),
+        "sessions": {str(s): 2 for s in voxels},
+        "roi": "nsdgeneral",
+        "world": None,
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_ld():
+    from fmrirecon.backbones.world.models import tiny_latent_diffusion
+
+    return tiny_latent_diffusion(seed=0)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_tiny_store(tmp_path_factory.mktemp("store"), voxels={1: 40, 2: 37})
+
+
+TINY = RidgeConfig(
+    alphas=(1e-1, 1.0, 10.0, 100.0, 1e3),
+    cv_folds=4,
+    num_steps=4,
+    strength=0.5,
+    guidance_scale=2.0,
+    batch_size=8,
+)
+
+
+@pytest.fixture(scope="module")
+def fitted(store, tiny_ld, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    init_run_dir(run_dir, method="ridge", config=TINY, subject=1, store_path=store, seed=0)
+    method = RidgeMethod(TINY, backbone=tiny_ld)
+    method.fit(store, 1, run_dir, seed=0)
+    return method, run_dir
+
+
+@pytest.mark.parametrize("shape", [(90, 20), (20, 60)])  # primal (N > V) and kernel (N < V) solvers
+def test_fit_ridge_cv_matches_brute_force_sklearn_search(shape):
+    rng = np.random.default_rng(0)
+    n, p = shape
+    X = rng.standard_normal((n, p)).astype(np.float32)
+    Y = (
+        X[:, :5] @ rng.standard_normal((5, 6)) * np.array([3, 1, 0.3, 0.1, 0.03, 0.01])
+        + rng.standard_normal((n, 6))
+    ).astype(np.float32)
+    alphas = (0.1, 1.0, 10.0, 100.0, 1000.0, 1e4)
+    fit = fit_ridge_cv(X, Y, alphas, cv=5, seed=0)
+
+    Xs = (X - X.mean(0)) / X.std(0)
+    Yc = Y - Y.mean(0)
+    errors = np.zeros((len(alphas), Y.shape[1]))
+    for train, val in KFold(5, shuffle=True, random_state=0).split(Xs):
+        for i, alpha in enumerate(alphas):
+            pred = Ridge(alpha=alpha, fit_intercept=False).fit(Xs[train], Yc[train]).predict(Xs[val])
+            errors[i] += ((pred - Yc[val]) ** 2).mean(0)
+    best = np.asarray(alphas)[errors.argmin(0)]
+    np.testing.assert_allclose(fit.best_alphas, best, rtol=1e-5)
+    assert len(set(best.tolist())) > 1  # the targets differ in SNR, so their alphas must differ
+    for t in range(Y.shape[1]):
+        ref = Ridge(alpha=float(best[t]), fit_intercept=False).fit(Xs, Yc[:, t]).coef_
+        np.testing.assert_allclose(fit.coef[:, t], ref, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(fit.predict(X[:3]), Xs[:3] @ fit.coef + Y.mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_restandardize_matches_training_statistics():
+    rng = np.random.default_rng(1)
+    fit = fit_ridge_cv(
+        rng.standard_normal((40, 8)), rng.standard_normal((40, 3)) * [1, 5, 9] + 2, (1.0, 10.0), cv=4
+    )
+    out = restandardize(rng.standard_normal((30, 3)) * 0.1, fit)
+    np.testing.assert_allclose(out.mean(0), fit.y_mean, atol=1e-5)
+    np.testing.assert_allclose(out.std(0), fit.y_std, rtol=1e-4)
+    single = restandardize(np.array([fit.pred_mean + fit.pred_std]), fit)  # one row: in-sample statistics
+    np.testing.assert_allclose(single[0], fit.y_mean + fit.y_std, rtol=1e-4)
+
+
+def test_ridge_decodes_planted_signal_better_than_chance(fitted, store, tiny_ld):
+    method, _ = fitted
+    prepared = PreparedStore(store)
+    ids, betas = prepared.subject(1).averaged("test")
+    true = method.image_targets(prepared.images(ids))
+    z, c = method.predict(betas)
+    pred = z.reshape(len(ids), -1)
+    corr = np.corrcoef(pred, true)[: len(ids), len(ids) :]  # (N, N): prediction i vs true latent j
+    two_way = np.mean([(corr[i, i] > corr[i, np.arange(len(ids)) != i]).mean() for i in range(len(ids))])
+    assert two_way > 0.8, two_way  # chance is 0.5
+    assert c.shape == (len(ids), tiny_ld.context_length, tiny_ld.encode_text(["a"]).shape[-1])
+    assert np.isfinite(c).all()
+
+
+def test_save_load_round_trip_and_deterministic_reconstruction(fitted, store, tiny_ld):
+    method, run_dir = fitted
+    loaded = get_method("ridge").load(run_dir, backbone=tiny_ld)
+    _, betas = PreparedStore(store).subject(1).averaged("test")
+    betas = betas[:4]
+    for a, b in zip(method.predict(betas), loaded.predict(betas)):
+        np.testing.assert_array_equal(a, b)
+    images = loaded.reconstruct(betas, samples=2, seed=3)
+    assert images.shape == (4, 2, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, method.reconstruct(betas, samples=2, seed=3))
+    assert not np.array_equal(images[:, 0], images[:, 1])  # samples differ in their noise
+    assert not np.array_equal(images, method.reconstruct(betas, samples=2, seed=4))
+    latent_only = method.reconstruct(betas, samples=2, variant="latent")
+    np.testing.assert_array_equal(latent_only[:, 0], latent_only[:, 1])
+    info = json.loads((run_dir / "ridge.json").read_text())
+    assert info["subject"] == 1 and info["n_voxels"] == 40 and info["latent_shape"] == [4, 16, 16]
+    assert sum(info["alphas_chosen"]["latent"].values()) == 4 * 16 * 16
+
+
+def test_betas_of_another_subject_are_refused(fitted, store):
+    method, _ = fitted
+    _, other = PreparedStore(store).subject(2).averaged("test")
+    with pytest.raises(SubjectMismatchError, match="betas have 37 voxels .* subject 1 with 40 voxels"):
+        method.reconstruct(other)
+
+
+def test_registry_returns_ridge_and_rejects_unknown_names():
+    assert get_method("ridge") is RidgeMethod
+    with pytest.raises(ConfigError, match=r"unknown method 'ridgee'; expected one of \[.*'ridge'"):
+        get_method("ridgee")
