@@ -24,7 +24,7 @@ class TinyFeatures(nn.Module):
         self.convs = nn.ModuleList([nn.Conv2d(3, 6, 4, stride=4), nn.Conv2d(6, 6, 2, stride=2)])
         self.requires_grad_(False)
 
-    def image_hidden_states(self, images, layers):
+    def image_hidden_states(self, images, layers, site="block"):
         out, h = [], images
         for conv in self.convs:
             h = torch.tanh(conv(h))

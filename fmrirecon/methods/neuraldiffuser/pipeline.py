@@ -160,6 +160,7 @@ def reconstruct_images(
     seed: int = 0,
     progress: bool = True,
     histories: list | None = None,
+    site: str = "block",
 ) -> torch.Tensor:
     """Reconstruct ``samples`` images per fMRI item (Algorithm 1).
 
@@ -175,6 +176,7 @@ def reconstruct_images(
         seed: item ``i``'s K samples are one batch seeded with ``seed + i``, so they are reproducible and
             independent of the other items; guided and unguided runs share the noise at equal seeds.
         histories: if given, receives each item's guidance-loss history.
+        site: where the CLIP layer features are read (``"block"`` outputs, or ``"mlp"`` as the released code).
 
     Returns:
         ``(N, K, 3, H, W)`` float images in ``[0, 1]``.
@@ -200,7 +202,7 @@ def reconstruct_images(
             def features(images, _layers=tuple(layers)):
                 if settings.clip_normalization == "imagenet":
                     images = imagenet_as_clip_input(images)
-                return clip.image_hidden_states(images, list(_layers))
+                return clip.image_hidden_states(images, list(_layers), site=site)
 
             hook = FeatureGuidance(
                 targets,

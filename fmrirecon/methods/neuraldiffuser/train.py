@@ -1,0 +1,187 @@
+"""NeuralDiffuser training (§4.2.3): targets, datasets, and the named, resumable stages of every decoder.
+
+Targets per image (reference/method-notes.md): the VAE latent ``z`` (the image resized to the backbone's
+native size), the text condition ``c`` = text-encoder tokens averaged over the image's 5 captions, and the
+guidance features ``g^l`` = CLIP image-encoder layer outputs. They are computed once per run and cached in
+``RUN/targets.safetensors``.
+
+Each decoder (``semantic``, ``guidance.layer<l>``, ``latent``) trains in two stages, each a :class:`Trainer`
+stage that resumes on its own:
+
+1. ``pretrain-<decoder>``: leave-the-target-out pretraining on all other subjects (each with its own voxel
+   encoder) — skipped when the store has no other subject or ``pretrain`` is off;
+2. ``finetune-<decoder>``: the target subject's voxel encoder plus the shared mapping, initialised from
+   stage 1.
+   The target's training trials can be limited to its first ``target_sessions`` sessions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fmrirecon.errors import ConfigError
+from fmrirecon.io import save_safetensors_atomic
+
+
+# ----------------------------------------------------------------------------------------------- targets
+@torch.no_grad()
+def compute_targets(
+    store,
+    ids_73k: np.ndarray,
+    ld,
+    clip,
+    layers: Sequence[int],
+    site: str = "block",
+    batch_size: int = 16,
+    sample_latents: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Per-image targets for ``ids_73k`` (sorted or not; rows follow the given order).
+
+    Returns:
+        ``{"ids": (N,), "text": (N, L, D), "latent": (N, C, h, w), "layer<l>": (N, T, W) ...}`` on the CPU.
+    """
+    from tqdm.auto import tqdm
+
+    ids = np.asarray(ids_73k, dtype=np.int64)
+    out: dict[str, list[torch.Tensor]] = {"text": [], "latent": []} | {f"layer{l}": [] for l in layers}
+    generator = torch.Generator(device=ld.device).manual_seed(seed)
+    size = ld.image_size
+    for start in tqdm(range(0, len(ids), batch_size), desc="NeuralDiffuser targets", disable=not progress):
+        chunk = ids[start : start + batch_size]
+        images = torch.from_numpy(store.images(chunk)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
+        captions = store.captions(chunk)
+        flat = [c if c else "" for caps in captions for c in caps]
+        text = ld.encode_text(flat).float().cpu()  # (B*5, L, D)
+        out["text"].append(text.view(len(chunk), -1, *text.shape[1:]).mean(1))  # average over the 5 captions
+        native = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        out["latent"].append(
+            ld.encode_images(native, sample=sample_latents, generator=generator).float().cpu()
+        )
+        for layer, feats in zip(layers, clip.image_hidden_states(images, list(layers), site=site)):
+            out[f"layer{layer}"].append(feats.float().cpu())
+    result = {k: torch.cat(v) for k, v in out.items()}
+    result["ids"] = torch.from_numpy(ids)
+    return result
+
+
+def cached_targets(path: Path, store, ids_73k: np.ndarray, **kwargs) -> dict[str, torch.Tensor]:
+    """:func:`compute_targets`, cached in ``path`` (recomputed if the cached ids or layers differ)."""
+    ids = np.asarray(ids_73k, dtype=np.int64)
+    wanted = {"text", "latent", "ids"} | {f"layer{l}" for l in kwargs.get("layers", ())}
+    if path.is_file():
+        cached = load_file(path)
+        if set(cached) == wanted and np.array_equal(cached["ids"].numpy(), ids):
+            return cached
+    targets = compute_targets(store, ids, **kwargs)
+    save_safetensors_atomic({k: v.contiguous() for k, v in targets.items()}, path)
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+def training_rows(subject_store, max_sessions: int | None = None) -> np.ndarray:
+    """Training-split trial rows (single trials, as the authors train), optionally of the first K sessions."""
+    rows = subject_store.split_rows("train")
+    if max_sessions is not None:
+        sessions = subject_store.trials["session"]
+        kept = np.unique(sessions)[: int(max_sessions)]
+        rows = rows[np.isin(sessions[rows], kept)]
+    if rows.size == 0:
+        raise ConfigError(
+            f"subj{subject_store.subject:02d} has no training trials (max_sessions={max_sessions})"
+        )
+    return rows
+
+
+class DecoderDataset(Dataset):
+    """Single-trial betas of one or more subjects paired with one target tensor per trial.
+
+    Items: ``{"betas": float32 (V_s,), "subject": int, "target": tensor}``; deterministic per index.
+    """
+
+    def __init__(self, parts: list[tuple[int, np.ndarray, np.ndarray]], targets: torch.Tensor, target_ids):
+        """``parts``: ``(subject, betas (T_s, V_s), image ids (T_s,))``; ``targets`` rows follow
+        ``target_ids``."""
+        index = {int(i): r for r, i in enumerate(np.asarray(target_ids))}
+        self.items = []
+        for subject, betas, ids in parts:
+            rows = np.array([index[int(i)] for i in ids])
+            self.items += [(subject, betas, k, rows[k]) for k in range(len(ids))]
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        subject, betas, k, row = self.items[i]
+        return {"betas": torch.from_numpy(betas[k]), "subject": subject, "target": self.targets[row]}
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack a batch; betas stay a list when subjects with different voxel counts are mixed."""
+    lengths = {len(it["betas"]) for it in items}
+    betas = [it["betas"] for it in items]
+    return {
+        "betas": torch.stack(betas) if len(lengths) == 1 else betas,
+        "subject": torch.tensor([it["subject"] for it in items]),
+        "target": torch.stack([it["target"] for it in items]),
+    }
+
+
+class DecoderTrainingStep(nn.Module):
+    """Wraps a decoder for the :class:`~fmrirecon.train.Trainer`.
+
+    Keeps the micro-batch counter as a buffer (so it is checkpointed and resumes exactly) and passes the
+    training progress to the decoder's loss, which switches BiMixCo → SoftCLIP after the first third (§4.2.2).
+    """
+
+    def __init__(self, decoder: nn.Module, total_batches: int):
+        super().__init__()
+        self.decoder = decoder
+        self.total_batches = max(1, int(total_batches))
+        self.register_buffer("seen_batches", torch.zeros((), dtype=torch.long))
+
+    def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        progress = float(self.seen_batches) / self.total_batches
+        out = self.decoder.loss(batch["betas"], batch["subject"], batch["target"], progress=progress)
+        self.seen_batches += 1
+        return out
+
+
+def shared_state(decoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The decoder's weights without voxel encoders (what fine-tuning inherits from pretraining)."""
+    return {k: v for k, v in decoder.state_dict().items() if not k.startswith("voxel_encoders.")}
+
+
+def run_stage(
+    decoder: nn.Module,
+    dataset: Dataset,
+    train_config,
+    run_dir: Path,
+    stage: str,
+    batch_size: int,
+    seed: int,
+    run_config=None,
+):
+    """One named, resumable :class:`Trainer` stage; returns the trainer's :class:`TrainResult`."""
+    from fmrirecon.train import Trainer
+
+    loader = DataLoader(
+        dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True, collate_fn=collate
+    )
+    total = (
+        train_config.max_steps * train_config.grad_accum
+        if train_config.max_steps
+        else (len(loader) * train_config.epochs)
+    )
+    step = DecoderTrainingStep(decoder, total)
+    return Trainer(train_config, run_dir, seed=seed, run_config=run_config).fit(step, loader, stage=stage)

@@ -1,0 +1,232 @@
+"""NeuralDiffuser end to end on a toy store with tiny random backbones: stages, resume, load, reconstruct."""
+
+import hashlib
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fmrirecon.errors import SubjectMismatchError
+from fmrirecon.methods import get_method
+from fmrirecon.methods.base import init_run_dir
+from fmrirecon.methods.neuraldiffuser import NeuralDiffuser, NeuralDiffuserMethodConfig
+from fmrirecon.methods.neuraldiffuser.retrieval import voting_retrieval
+from fmrirecon.train import TrainConfig
+
+VOXELS = {1: 30, 2: 26}
+
+
+def write_toy_store(root, n_images=24, n_test=6, size=16, seed=0):
+    """A prepared store (docs/contracts.md layout): betas = fixed random linear map of the image + noise."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    images = rng.integers(0, 256, size=(n_images, size, size, 3), dtype=np.uint8)
+    ids = np.arange(n_images, dtype=np.int64) * 3
+    captions = np.array([[f"scene {i} caption {k}" for k in range(5)] for i in range(n_images)], dtype=object)
+    with h5py.File(root / "stimuli.hdf5", "w") as f:
+        f["images"], f["ids_73k"] = images, ids
+        f.create_dataset("captions", data=captions.astype(str).astype(object), dtype=h5py.string_dtype())
+    flat = images.reshape(n_images, -1).astype(np.float32) / 255.0
+    for subject, n_vox in VOXELS.items():
+        w = rng.normal(size=(flat.shape[1], n_vox)).astype(np.float32) / 20
+        order = np.concatenate([np.arange(n_images), np.arange(n_images - n_test, n_images)])  # test twice
+        betas = flat[order] @ w + 0.05 * rng.normal(size=(len(order), n_vox)).astype(np.float32)
+        with h5py.File(root / f"subj{subject:02d}.hdf5", "w") as f:
+            f["betas"] = betas.astype(np.float32)
+            g = f.create_group("trials")
+            g["image_id_73k"] = ids[order]
+            g["session"] = np.repeat([1, 2, 3, 4], int(np.ceil(len(order) / 4)))[: len(order)]
+            g["repeat"] = (np.arange(len(order)) >= n_images).astype(int)
+            g["shared"] = order >= n_images - n_test
+            g["global_trial"] = np.arange(len(order))
+            f["voxel_ijk"] = rng.integers(0, 9, size=(n_vox, 3))
+            f["affine"] = np.eye(4)
+            f.attrs["subject"], f.attrs["n_sessions"] = subject, 4
+    manifest = {
+        "format": "fmrirecon-store",
+        "version": 1,
+        "source": {},
+        "subjects": [1, 2],
+        "sessions": {"1": 4, "2": 4},
+        "roi": "nsdgeneral",
+        "world": None,
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+# Like TinyFeatures in tests/test_neuraldiffuser_pipeline.py, with equal token counts per layer as in CLIP.
+class TinyClip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        # 16 tokens per layer
+        self.convs = nn.ModuleList([nn.Conv2d(3, 6, 4, stride=4), nn.Conv2d(6, 6, 3, padding=1)])
+        self.requires_grad_(False)
+
+    def image_hidden_states(self, images, layers, site="block"):
+        out, h = [], nn.functional.interpolate(images, size=(16, 16), mode="bilinear")
+        for conv in self.convs:
+            h = torch.tanh(conv(h))
+            out.append(h.flatten(2).transpose(1, 2))
+        return [out[i - 1] for i in layers]
+
+
+def tiny_ld():
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from fmrirecon.backbones.diffusion import LatentDiffusion
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
+
+    class Tiny(LatentDiffusion):
+        def encode_text(self, texts):
+            # Deterministic per-text embedding (5 tokens × 12) from a hash: a stand-in text encoder.
+            rows = []
+            for t in texts:
+                seed = int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)
+                rows.append(torch.randn(5, 12, generator=torch.Generator().manual_seed(seed)))
+            return torch.stack(rows)
+
+        def empty_text_embedding(self):
+            return self.encode_text([""])
+
+    return Tiny(vae, unet, scheduler, nn.Identity(), None)
+
+
+def tiny_config(**overrides):
+    train = dict(epochs=2, lr=1e-3, progress=False, checkpoint_every=2)
+    cfg = NeuralDiffuserMethodConfig(
+        diffusion="tiny",
+        clip="tiny",
+        guidance_layers=(1, 2),
+        hidden_dim=32,
+        mixer_blocks=1,
+        projector_dim=16,
+        prior_depth=1,
+        prior_heads=2,
+        prior_dim_head=8,
+        prior_sample_steps=4,
+        resmlp_blocks=1,
+        grid_channels=8,
+        grid_size=4,
+        upsampler_channels=(8, 8),
+        latent_projector_channels=8,
+        batch_size=8,
+        pretrain_train=TrainConfig(**train),
+        finetune_train=TrainConfig(**train),
+        num_steps=6,
+        strength=0.5,
+        cfg_scale=2.0,
+        guidance_scale=50.0,
+        guidance_strength=0.5,
+        progress=False,
+    )
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nd")
+    store = write_toy_store(tmp / "store")
+    method = NeuralDiffuser(tiny_config())
+    method._backbones = (tiny_ld(), TinyClip())
+    run_dir = tmp / "run"
+    init_run_dir(run_dir, method="neuraldiffuser", config=method.config, subject=1, store_path=store, seed=0)
+    method.fit(store, 1, run_dir, seed=0)
+    return method, store, run_dir
+
+
+def test_registry_and_variants():
+    assert get_method("neuraldiffuser") is NeuralDiffuser
+    assert NeuralDiffuser().variants() == ["guided", "unguided"]
+    paper = NeuralDiffuserMethodConfig()
+    assert (paper.guidance_scale, paper.guidance_strength, paper.cfg_scale, paper.strength) == (
+        3e5,
+        0.2,
+        7.5,
+        0.75,
+    )
+    assert paper.pretrain_train.epochs == 150 and paper.prior_weight == 30.0
+
+
+def test_fit_runs_named_stages_and_saves_model(fitted):
+    _, _, run_dir = fitted
+    decoders = ["semantic", "guidance.layer1", "guidance.layer2", "latent"]
+    for name in decoders:
+        for stage in ("pretrain", "finetune"):
+            assert (run_dir / f"{stage}-{name}" / "done.json").is_file(), (stage, name)
+            lines = (run_dir / f"{stage}-{name}" / "metrics.jsonl").read_text().splitlines()
+            assert len(lines) >= 2 and all(
+                np.isfinite(v) for v in json.loads(lines[-1]).values() if isinstance(v, float)
+            )
+    assert (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "targets.safetensors").is_file()
+    # The fitted model only carries the target subject's voxel encoder (subject-specific model, §6).
+    assert list(fitted[0].model.semantic.voxel_encoders.voxel_counts) == [1]
+
+
+def test_fit_again_resumes_finished_stages_to_identical_weights(fitted, tmp_path):
+    method, store, run_dir = fitted
+    again = NeuralDiffuser(tiny_config())
+    again._backbones = method._backbones
+    again.fit(store, 1, run_dir, seed=0)
+    for a, b in zip(method.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_reconstruct_load_and_determinism(fitted):
+    method, store, run_dir = fitted
+    from fmrirecon.data.store import PreparedStore
+
+    ids, betas = PreparedStore(store).subject(1).averaged("test")
+    guided = method.reconstruct(betas[:2], samples=2, seed=3, variant="guided")
+    assert guided.shape == (2, 2, 16, 16, 3) and guided.dtype == np.uint8
+    loaded = NeuralDiffuser.load(run_dir)
+    loaded._backbones = method._backbones
+    assert np.array_equal(loaded.reconstruct(betas[:2], samples=2, seed=3, variant="guided"), guided)
+    unguided = loaded.reconstruct(betas[:2], samples=2, seed=3, variant="unguided")
+    zero = loaded.reconstruct(betas[:2], samples=2, seed=3, variant="guided", guidance_scale=0.0)
+    assert np.array_equal(unguided, zero) and not np.array_equal(unguided, guided)
+    with pytest.raises(SubjectMismatchError, match="26"):
+        loaded.reconstruct(np.zeros((1, 26), np.float32))
+
+
+def test_retrieval_embeddings(fitted):
+    method, store, _ = fitted
+    from fmrirecon.data.store import PreparedStore
+
+    s = PreparedStore(store)
+    ids, betas = s.subject(1).averaged("test")
+    brain = method.brain_layer_embeddings(betas)
+    image = method.image_layer_embeddings(s.images(ids))
+    assert len(brain) == len(image) == 2 and brain[0].shape == image[0].shape == (len(ids), 16 * 6)
+    out = voting_retrieval(brain, image)
+    assert 0.0 <= out["retrieval_image"] <= 1.0 and out["pool_size"] == len(ids)
+    assert method.brain_embeddings(betas).shape == method.image_embeddings(s.images(ids)).shape
