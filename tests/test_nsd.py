@@ -15,7 +15,7 @@ from scipy.io import loadmat
 
 from fmrirecon.data import nsd
 from fmrirecon.data.nsd import NsdReader, zscore_session
-from fmrirecon.data.synthetic import make_design, session_counts, write_synthetic_nsd
+from fmrirecon.data.synthetic import make_design, session_counts, write_nsd_tree
 from fmrirecon.errors import DatasetLayoutError
 
 N_SHARED, N_UNIQUE, N_REPEATS, MAX_SESSIONS = 6, 10, 3, 4  # 48 trials, 12 per session
@@ -78,7 +78,7 @@ def build_tiny_nsd(root: Path, formats=nsd.BETAS_FORMATS, seed: int = 0):
         TinySubject(2, (8, 10, 6), 52, 2),
         TinySubject(3, (7, 9, 8), 45, 3),
     ]
-    write_synthetic_nsd(
+    write_nsd_tree(
         root,
         images,
         captions,

@@ -110,7 +110,7 @@ def make_design(
     )
 
 
-def write_synthetic_nsd(
+def write_nsd_tree(
     root: str | os.PathLike,
     images: np.ndarray,
     captions: Sequence[Sequence[str]],
@@ -228,7 +228,7 @@ def _with_cached_responses(subject, images: np.ndarray, image_ids: np.ndarray):
     return lambda ids, sessions, rng: type(subject).measure(proxy, ids, sessions, rng)
 
 
-def make_world_nsd(
+def write_synthetic_nsd(
     out: str | os.PathLike,
     *,
     n_subjects: int = 4,
@@ -299,7 +299,7 @@ def make_world_nsd(
     }
     with atomic_path(out, suffix=".partial") as tmp:
         tmp.mkdir()
-        write_synthetic_nsd(
+        write_nsd_tree(
             tmp,
             world.images,
             world.captions,
