@@ -72,7 +72,7 @@ ATTRIBUTE_NAMES: tuple[str, ...] = (
     + ("n_objects",)
 )
 
-_VAGUE = ("a picture of something", "an image", "a photo", "something", "a blurry picture of a scene")
+VAGUE_CAPTIONS = ("a picture of something", "an image", "a photo", "something", "a blurry picture of a scene")
 _STUFF_PHRASE = {
     "sky": ("the sky", "a clear blue sky", "the open sky"),
     "grass": ("grass", "a grassy field", "green grass"),
@@ -356,7 +356,7 @@ def caption_scene(spec: SceneSpec, rng: np.random.Generator) -> list[str]:
     category_only = " and ".join(parts)
     lead = str(rng.choice(["a view of ", "a scene with ", "", "a photo of "]))
     background_only = lead + _stuff_phrase(spec, rng)
-    vague = str(rng.choice(_VAGUE))
+    vague = str(rng.choice(VAGUE_CAPTIONS))
     captions = [full, partial, category_only, background_only, vague]
     rng.shuffle(captions)
     return captions
