@@ -1,0 +1,459 @@
+"""Run a preset over reconstruction folders: batch the images, run each network once per image, score.
+
+``evaluate_reconstructions`` is the Python entry point (the demo and ``fmrirecon evaluate`` call it).
+Flow per reconstruction folder and sample k: load a batch of reconstructions and their ground truths ->
+common resize -> pixel metrics -> one forward pass per network (all nodes) -> per-image scores;
+ground-truth features are computed once per network for the union of ids of all folders. Several samples
+per image are scored as the mean over samples (the ``metrics`` dict); the per-image best over samples,
+averaged over images, goes to ``best_of_k``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fmrirecon.errors import EvaluationInputError, WeightsUnavailableError
+from fmrirecon.evaluation import metrics as M
+from fmrirecon.evaluation.features import FeatureExtractor, load_extractor, resize_tensor, to_float_tensor
+from fmrirecon.evaluation.io import ReconSet, Truth, read_recon_dir
+from fmrirecon.evaluation.presets import Preset, get_preset
+from fmrirecon.io import library_versions
+
+logger = logging.getLogger(__name__)
+
+# prf-visualrois labels (NSD): 1,2 = V1v/V1d, 3,4 = V2, 5,6 = V3, 7 = hV4
+VISUAL_ROI_LABELS = {"V1": (1, 2), "V2": (3, 4), "V3": (5, 6), "V4": (7,)}
+# streams labels 5..7 = ventral, lateral, parietal: the higher-level visual streams
+HIGHER_STREAM_LABELS = (5, 6, 7)
+
+
+def _higher_is_better(key: str) -> bool:
+    return key not in ("effnet", "swav", "fid")
+
+
+def _chance(key: str, preset: Preset, pool_size: int | None) -> float | None:
+    """Chance level of a metric (None where no fixed chance level exists)."""
+    if key in ("pixcorr",) or key.startswith("brain_corr_"):
+        return 0.0
+    if key in ("alexnet2", "alexnet5", "inception", "clip"):
+        return 0.5
+    if key.startswith(("nway_class_", "nway_")):
+        return 1.0 / int(key.rsplit("_", 1)[1])
+    if key.startswith("retrieval_"):
+        return 1.0 / pool_size if pool_size else None
+    return None  # ssim, effnet, swav, fid, is: depend on the image statistics
+
+
+class _Prepared:
+    """One batch made ready for the pixel metrics and for every network of the preset."""
+
+    def __init__(self, images: np.ndarray, preset: Preset, target_hw: tuple[int, int]):
+        self.uint8 = images
+        if preset.backend == "tensor":
+            x = to_float_tensor(images)
+            size = preset.common_size or target_hw
+            self.common = _resize_hw(x, size, preset.common_antialias)
+            self.pixel = preset.pixel.apply(self.common).clamp_(0.0, 1.0)
+        else:
+            self.common = None
+            self.pixel = preset.pixel.apply(
+                _resize_uint8_to(images, target_hw) if preset.pixel.size is None else images
+            )
+
+    def network_input(self, preset: Preset, network: str) -> torch.Tensor:
+        pre = preset.networks[network]
+        return pre.apply(self.uint8 if pre.backend == "pil" else self.common)
+
+
+def _resize_hw(x: torch.Tensor, size, antialias: bool) -> torch.Tensor:
+    if isinstance(size, int):
+        return resize_tensor(x, size, "bilinear", antialias)
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return torch.nn.functional.interpolate(
+        x, size=tuple(size), mode="bilinear", align_corners=False, antialias=antialias
+    )
+
+
+def _resize_uint8_to(images: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    if images.shape[1:3] == tuple(hw):
+        return images
+    x = _resize_hw(to_float_tensor(images), hw, True)
+    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+# ---------------------------------------------------------------------------------------------- brain
+class _BrainTarget:
+    """Measured responses, simulator voxel matching and ROI masks for brain correlation of one subject."""
+
+    def __init__(self, truth: Truth, subject: int, ids: np.ndarray):
+        store = truth.store
+        self.simulator = store.world_subject(subject)
+        if self.simulator is None:
+            raise LookupError("the store has no ground-truth encoding model (not a synthetic-world store)")
+        sub = store.subject(subject)
+        # match store voxels to simulator voxels by their (i, j, k) grid position
+        sim_index = {tuple(v): n for n, v in enumerate(np.asarray(self.simulator.voxel_ijk).tolist())}
+        store_ijk = np.asarray(sub.voxel_ijk).tolist()
+        unmatched = [v for v in store_ijk if tuple(v) not in sim_index]
+        if unmatched:
+            raise LookupError(f"{len(unmatched)} store voxels have no simulator voxel at the same ijk")
+        self.voxels = np.array([sim_index[tuple(v)] for v in store_ijk])
+        rows: dict[int, np.ndarray] = {}
+        for split in ("test", "train"):
+            split_ids, betas = sub.averaged(split)
+            for n, image_id in enumerate(np.asarray(split_ids).tolist()):
+                rows.setdefault(int(image_id), betas[n])
+        missing = [int(i) for i in ids if int(i) not in rows]
+        if missing:
+            raise LookupError(f"no measured responses for {len(missing)} ids (e.g. {missing[:5]})")
+        self.measured = {int(i): rows[int(i)] for i in ids}
+        self.rois, self.roi_definitions = _brain_rois(sub.rois, sub.n_voxels)
+        self.image_hw = tuple(truth.images(ids[:1]).shape[1:3])
+
+    def correlate(self, recon_images: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+        images = _resize_uint8_to(recon_images, self.image_hw)
+        predicted = np.asarray(self.simulator.response(images))[:, self.voxels]  # (B, V_store)
+        measured = np.stack([self.measured[int(i)] for i in ids])
+        return M.brain_correlation(predicted, measured, self.rois)
+
+
+def _brain_rois(rois: Mapping[str, np.ndarray], n_voxels: int) -> tuple[dict, dict]:
+    masks, definitions = {}, {}
+    visual = rois.get("prf-visualrois")
+    if visual is not None:
+        visual = np.asarray(visual)
+        for name, labels in VISUAL_ROI_LABELS.items():
+            mask = np.isin(visual, labels)
+            if mask.sum() >= 2:
+                masks[name], definitions[name] = mask, f"prf-visualrois labels {list(labels)}"
+    streams = rois.get("streams")
+    if streams is not None and np.isin(np.asarray(streams), HIGHER_STREAM_LABELS).sum() >= 2:
+        masks["higher"] = np.isin(np.asarray(streams), HIGHER_STREAM_LABELS)
+        definitions["higher"] = f"streams labels {list(HIGHER_STREAM_LABELS)} (ventral, lateral, parietal)"
+    elif visual is not None and (visual <= 0).sum() >= 2:
+        masks["higher"] = visual <= 0
+        definitions["higher"] = "nsdgeneral voxels outside prf-visualrois V1-hV4"
+    masks["whole"] = np.ones(n_voxels, dtype=bool)
+    definitions["whole"] = "all nsdgeneral voxels of the store"
+    return masks, definitions
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+def _extract_truth(truth, ids, preset, extractors, batch_size, progress) -> dict[str, dict[str, np.ndarray]]:
+    """Ground-truth features {network: {node: (n, D)}} for ``ids`` (one forward per image per network)."""
+    feats: dict[str, dict[str, list]] = {net: {} for net in extractors}
+    target_hw = None
+    for start in tqdm(range(0, len(ids), batch_size), desc="ground truth", disable=not progress, leave=False):
+        batch = truth.images(ids[start : start + batch_size])
+        target_hw = target_hw or batch.shape[1:3]
+        prepared = _Prepared(batch, preset, target_hw)
+        for net, extractor in extractors.items():
+            for node, value in extractor(prepared.network_input(preset, net)).items():
+                feats[net].setdefault(node, []).append(value.reshape(len(batch), -1).numpy())
+    return {net: {node: np.concatenate(v) for node, v in nodes.items()} for net, nodes in feats.items()}
+
+
+def _evaluate_recon(
+    recon: ReconSet,
+    truth: Truth,
+    preset: Preset,
+    extractors,
+    truth_feats,
+    truth_rows,
+    batch_size,
+    chunk_size,
+    progress,
+    unavailable,
+) -> dict:
+    n, k_samples = len(recon.ids), recon.samples
+    rows = np.array([truth_rows[int(i)] for i in recon.ids])
+    per_image: dict[str, np.ndarray] = {}
+    per_sample: dict[str, list[float]] = {}
+    details: dict[str, dict] = {}
+    local_unavailable: dict[str, str] = {}
+
+    def image_scores(key, k, values, index=slice(None)):
+        per_image.setdefault(key, np.full((k_samples, n), np.nan))[k, index] = values
+
+    brain = None
+    if preset.brain_correlation:
+        reason = None
+        if truth.store is None:
+            reason = "needs a prepared store as ground truth (got a PNG folder)"
+        else:
+            try:
+                brain = _BrainTarget(truth, recon.subject, recon.ids)
+            except LookupError as err:
+                reason = str(err)
+        if reason:
+            local_unavailable["brain_corr_*"] = reason
+        else:
+            details["brain_corr"] = {"rois": brain.roi_definitions}
+
+    truth_hw = None
+    for k in range(k_samples):
+        recon_feats: dict[str, dict[str, list]] = {net: {} for net in extractors}
+        starts = range(0, n, batch_size)
+        for start in tqdm(starts, desc=f"{recon.label} sample {k}", disable=not progress, leave=False):
+            index = slice(start, start + batch_size)
+            ids = recon.ids[index]
+            truth_batch = truth.images(ids)
+            truth_hw = truth_hw or truth_batch.shape[1:3]
+            recon_batch = recon.load_images(index, k)
+            r_prep = _Prepared(recon_batch, preset, truth_hw)
+            t_prep = _Prepared(truth_batch, preset, truth_hw)
+            image_scores("pixcorr", k, M.pixcorr(r_prep.pixel.numpy(), t_prep.pixel.numpy()), index)
+            gray_r = M.rgb_to_gray(r_prep.pixel.permute(0, 2, 3, 1).numpy())
+            gray_t = M.rgb_to_gray(t_prep.pixel.permute(0, 2, 3, 1).numpy())
+            image_scores("ssim", k, M.ssim(gray_r, gray_t, preset.ssim_variant), index)
+            for net, extractor in extractors.items():
+                for node, value in extractor(r_prep.network_input(preset, net)).items():
+                    recon_feats[net].setdefault(node, []).append(value.reshape(len(ids), -1).numpy())
+            if brain is not None:
+                for roi, r in brain.correlate(recon_batch, ids).items():
+                    image_scores(f"brain_corr_{roi}", k, r, index)
+        feats = {
+            net: {node: np.concatenate(v) for node, v in nodes.items()} for net, nodes in recon_feats.items()
+        }
+        _score_features(
+            preset,
+            feats,
+            truth_feats,
+            rows,
+            k,
+            image_scores,
+            per_sample,
+            details,
+            chunk_size,
+            local_unavailable,
+        )
+        del feats, recon_feats
+
+    metrics, best = {}, {}
+    for key, values in per_image.items():
+        metrics[key] = float(np.nanmean(values))
+        if k_samples > 1:
+            best_per_image = np.nanmax(values, 0) if _higher_is_better(key) else np.nanmin(values, 0)
+            best[key] = float(best_per_image.mean())
+    for key, values in per_sample.items():
+        metrics[key] = float(np.mean(values))
+        details.setdefault(key, {})["per_sample"] = values
+
+    if preset.retrieval:
+        reason = None
+        if recon.retrieval_reason:
+            reason = f"needs brain_embeddings.npy and image_embeddings.npy: {recon.retrieval_reason}"
+        elif n < 2:
+            reason = "needs at least 2 images"
+        if reason:
+            local_unavailable["retrieval_image"] = local_unavailable["retrieval_brain"] = reason
+        else:
+            # small sets (the world's test split) use every image as the pool; the pool size is recorded
+            pool = min(preset.retrieval_pool_size, n)
+            out = M.retrieval_top1(
+                recon.brain_embeddings,
+                recon.image_embeddings,
+                pool_size=pool,
+                n_draws=preset.retrieval_draws,
+                seed=preset.retrieval_seed,
+            )
+            for direction in ("image", "brain"):
+                metrics[f"retrieval_{direction}"] = out[direction]["mean"]
+                details[f"retrieval_{direction}"] = {
+                    "ci95": out[direction]["ci95"],
+                    "pool_size": pool,
+                    "n_draws": out["n_draws"],
+                    "seed": out["seed"],
+                }
+    for key, reason in local_unavailable.items():
+        unavailable.setdefault(key, {})[recon.label] = reason
+    result = {
+        "method": recon.method,
+        "subject": recon.subject,
+        "variant": recon.variant,
+        "n_images": n,
+        "samples": k_samples,
+        "recon_dir": str(recon.path),
+        "metrics": metrics,
+        "details": details,
+        "unavailable": local_unavailable,
+    }
+    if best:
+        result["best_of_k"] = best
+    return result
+
+
+def _score_features(
+    preset, feats, truth_feats, rows, k, image_scores, per_sample, details, chunk_size, local_unavailable
+):
+    n = len(rows)
+    for fm in preset.feature_metrics:
+        if fm.network not in feats:
+            continue
+        truth, recon = truth_feats[fm.network][fm.node][rows], feats[fm.network][fm.node]
+        if fm.score == "two_way":
+            if n < 2:
+                local_unavailable[fm.key] = "two-way identification needs at least 2 images"
+                continue
+            image_scores(fm.key, k, M.two_way_identification(truth, recon, chunk_size=chunk_size))
+        else:
+            image_scores(fm.key, k, M.correlation_distance(truth, recon))
+    if preset.nway_identification and preset.nway_identification[0] in feats:
+        net, node = preset.nway_identification
+        for n_way in preset.nway_ns:
+            key = f"nway_{n_way}"
+            if n_way > n:
+                local_unavailable[key] = f"needs at least {n_way} images, got {n}"
+                continue
+            mean, sd = M.nway_identification(
+                truth_feats[net][node][rows],
+                feats[net][node],
+                n_way,
+                repeats=preset.nway_repeats,
+                seed=preset.seed + k,
+            )
+            per_sample.setdefault(key, []).append(mean)
+            details.setdefault(key, {}).setdefault("sd_over_repeats", []).append(sd)
+    if preset.nway_classification and preset.nway_classification[0] in feats:
+        net, node = preset.nway_classification
+        truth_labels = truth_feats[net][node][rows].argmax(axis=1)
+        scores = feats[net][node]
+        for n_way in preset.nway_class_ns:
+            key = f"nway_class_{n_way}"
+            if n_way > scores.shape[1]:
+                local_unavailable[key] = (
+                    f"needs at least {n_way} classes, the classifier has {scores.shape[1]}"
+                )
+                continue
+            success = M.nway_classification(
+                scores, truth_labels, n_way, trials=preset.nway_class_trials, seed=preset.seed + k
+            )
+            image_scores(key, k, success)
+    if preset.fid_is and preset.fid_is[0] in feats:
+        net, feat_node, logit_node = preset.fid_is
+        if n < 2:
+            local_unavailable["fid"] = "FID needs at least 2 images"
+        else:
+            fid = M.frechet_distance(feats[net][feat_node], truth_feats[net][feat_node][rows])
+            per_sample.setdefault("fid", []).append(fid)
+        probs = torch.softmax(torch.from_numpy(feats[net][logit_node]).double(), dim=1).numpy()
+        per_sample.setdefault("is", []).append(M.inception_score(probs)[0])
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def evaluate_reconstructions(
+    recon_dirs: Sequence[str | os.PathLike] | str | os.PathLike,
+    truth: str | os.PathLike | Truth,
+    preset: str | Preset = "world",
+    *,
+    weights_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+    batch_size: int = 32,
+    two_way_chunk_size: int = 64,
+    extractors: Mapping[str, FeatureExtractor] | None = None,
+    random_weights_for_testing: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Score reconstruction folders against ground truth with a preset; returns the ``metrics.json`` dict.
+
+    Args:
+        recon_dirs: one or more reconstruction folders (layout in ``fmrirecon.evaluation.io``).
+        truth: a prepared store folder, a folder of ``<id73k>.png``, or a :class:`Truth`.
+        preset: ``"mindeye"``, ``"braindiffuser"``, ``"world"`` or a :class:`Preset`.
+        weights_dir: local folder searched first for network weights (then the torch / HF caches).
+        extractors: network -> ready extractor, bypassing weight loading (tests, benchmark).
+        random_weights_for_testing: build networks with random weights (tests and benchmark only: the numbers
+            mean nothing).
+
+    Returns:
+        ``{"preset", "settings", "versions", "results": [{"method", "subject", "variant", "n_images",
+        "metrics", "best_of_k"?, "details", "unavailable", ...}]}``. A metric that cannot be computed is
+        absent from ``metrics``; its reason is in ``settings["unavailable"][key]``.
+    """
+    if isinstance(recon_dirs, (str, os.PathLike)):
+        recon_dirs = [recon_dirs]
+    if not recon_dirs:
+        raise EvaluationInputError("no reconstruction folder given")
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    truth = truth if isinstance(truth, Truth) else Truth(truth)
+    recons = [read_recon_dir(d) for d in recon_dirs]
+    for recon in recons:
+        truth.check_ids(recon.ids, f"reconstructions in {recon.path}")
+
+    unavailable: dict[str, object] = {}
+    ready: dict[str, FeatureExtractor] = {}
+    for net in preset.networks:
+        if extractors and net in extractors:
+            ready[net] = extractors[net]
+            continue
+        try:
+            ready[net] = load_extractor(
+                net,
+                preset.nodes(net),
+                weights_dir=weights_dir,
+                device=device,
+                random_weights_for_testing=random_weights_for_testing,
+            )
+        except WeightsUnavailableError as err:
+            logger.warning("%s unavailable: %s", net, err)
+            for key in _keys_of_network(preset, net):
+                unavailable[key] = f"{net}: {err}"
+
+    all_ids = np.array(sorted({int(i) for r in recons for i in r.ids}), dtype=np.int64)
+    truth_rows = {int(i): n for n, i in enumerate(all_ids)}
+    truth_feats = _extract_truth(truth, all_ids, preset, ready, batch_size, progress) if ready else {}
+    per_recon_unavailable: dict[str, dict[str, str]] = {}
+    results = []
+    for recon in recons:
+        results.append(
+            _evaluate_recon(
+                recon,
+                truth,
+                preset,
+                ready,
+                truth_feats,
+                truth_rows,
+                batch_size,
+                two_way_chunk_size,
+                progress,
+                per_recon_unavailable,
+            )
+        )
+    for key, by_recon in per_recon_unavailable.items():
+        unavailable.setdefault(key, "; ".join(f"{label}: {reason}" for label, reason in by_recon.items()))
+
+    keys = sorted({key for r in results for key in r["metrics"]} | set(unavailable))
+    pool_size = min(preset.retrieval_pool_size, min(len(r.ids) for r in recons))
+    settings = preset.settings()
+    settings.update(
+        {
+            "truth": {"path": str(truth.path), "kind": truth.kind},
+            "weights": {net: ex.weights for net, ex in ready.items()},
+            "random_weights_for_testing": bool(random_weights_for_testing),
+            "device": device,
+            "samples": "metrics = mean over all samples and images; best_of_k = per-image best over samples, "
+            "averaged over images (per-image metrics only)",
+            "chance": {key: _chance(key, preset, pool_size) for key in keys},
+            "higher_is_better": {key: _higher_is_better(key) for key in keys},
+            "unavailable": unavailable,
+        }
+    )
+    return {"preset": preset.name, "settings": settings, "versions": library_versions(), "results": results}
+
+
+def _keys_of_network(preset: Preset, net: str) -> list[str]:
+    keys = [m.key for m in preset.feature_metrics if m.network == net]
+    if preset.nway_identification and preset.nway_identification[0] == net:
+        keys += [f"nway_{n}" for n in preset.nway_ns]
+    if preset.nway_classification and preset.nway_classification[0] == net:
+        keys += [f"nway_class_{n}" for n in preset.nway_class_ns]
+    if preset.fid_is and preset.fid_is[0] == net:
+        keys += ["fid", "is"]
+    return keys
