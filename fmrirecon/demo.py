@@ -42,11 +42,42 @@ EVALUATION_PRESET = "world"
 
 
 @dataclass(frozen=True)
+class WorldSpec:
+    """Which synthetic world the demo makes and how it is prepared.
+
+    Attributes:
+        name: folder of the NSD-layout world under the data home.
+        store_name: folder of its prepared store under the data home.
+        params: keyword arguments of :func:`fmrirecon.data.synthetic.write_synthetic_nsd` (empty = its
+            defaults, the world ``fmrirecon world make`` writes, so an existing one is reused).
+        betas_format: which betas files ``prepare`` reads (``"nifti"`` or ``"hdf5"``).
+    """
+
+    name: str
+    store_name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    betas_format: str = "nifti"
+
+
+# The full world takes minutes to write on 2 cores (4 subjects, NIfTI + HDF5); the quick demo writes one
+# subject in HDF5 only, unless the full world's store is already there to reuse.
+# FULL_WORLD's folders are the defaults of `fmrirecon world make` and `fmrirecon prepare nsd`.
+FULL_WORLD = WorldSpec(name="world", store_name="store")
+QUICK_WORLD = WorldSpec(
+    name="world_quick",
+    store_name="world_quick_store",
+    params={"n_subjects": 1, "formats": ("hdf5",)},
+    betas_format="hdf5",
+)
+
+
+@dataclass(frozen=True)
 class DemoProfile:
     """How much work the demo does. ``default`` fits 20 minutes on 2 CPU cores, ``quick`` 3 minutes.
 
     Attributes:
         name: ``"default"`` or ``"quick"``.
+        world: the world to make when no store is there yet.
         n_subjects: demo subjects (the first ``n_subjects`` of the store).
         samples: reconstructions per test image (K).
         max_test_images: reconstruct only the first n shared test images (73k-id order); None = all.
@@ -56,6 +87,7 @@ class DemoProfile:
     """
 
     name: str
+    world: WorldSpec
     n_subjects: int
     samples: int
     max_test_images: int | None
@@ -64,9 +96,18 @@ class DemoProfile:
 
 
 PROFILES: dict[str, DemoProfile] = {
-    "default": DemoProfile(name="default", n_subjects=2, samples=2, max_test_images=None),
-    "quick": DemoProfile(name="quick", n_subjects=1, samples=1, max_test_images=16, report_images=8),
+    "default": DemoProfile(name="default", world=FULL_WORLD, n_subjects=2, samples=2, max_test_images=None),
+    "quick": DemoProfile(
+        name="quick", world=QUICK_WORLD, n_subjects=1, samples=1, max_test_images=16, report_images=8
+    ),
 }
+
+
+def choose_world(home: Path, profile: DemoProfile) -> WorldSpec:
+    """The profile's world, except that any profile reuses the full world's store when it exists."""
+    if (home / FULL_WORLD.store_name / "manifest.json").is_file():
+        return FULL_WORLD
+    return profile.world
 
 
 @dataclass
@@ -102,24 +143,18 @@ class DemoResult:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def make_world(world_dir: Path, profile: DemoProfile, seed: int) -> Path:
-    """Write the synthetic world in the NSD layout under ``world_dir`` unless it is already there."""
-    from fmrirecon.data import synthetic
+def make_world(world_dir: Path, world: WorldSpec, seed: int) -> Path:
+    """Write the synthetic world in the NSD layout under ``world_dir``; a no-op if that world is there."""
+    from fmrirecon.data.synthetic import write_synthetic_nsd
 
-    if (world_dir / "nsddata" / "experiments" / "nsd" / "nsd_expdesign.mat").is_file():
-        return world_dir
-    synthetic.write_synthetic_nsd(world_dir, seed=seed)
-    return world_dir
+    return write_synthetic_nsd(world_dir, seed=seed, **world.params)
 
 
-def prepare_store(world_dir: Path, store_dir: Path, profile: DemoProfile) -> Path:
-    """Prepare the world into a store under ``store_dir`` unless a store is already there."""
-    from fmrirecon.data import prepare
+def prepare_store(world_dir: Path, store_dir: Path, world: WorldSpec) -> Path:
+    """Prepare the world into a store under ``store_dir``; a no-op if the same store is there."""
+    from fmrirecon.data.prepare import prepare_nsd
 
-    if (store_dir / "manifest.json").is_file():
-        return store_dir
-    prepare.prepare_nsd(world_dir, store_dir)
-    return store_dir
+    return prepare_nsd(world_dir, store_dir, betas_format=world.betas_format)
 
 
 def load_store(store_dir: Path):
@@ -258,8 +293,8 @@ def available_methods() -> list[str]:
 class DemoStages:
     """The calls the demo makes into the other layers, one per stage (defaults: the real ones)."""
 
-    make_world: Callable[[Path, DemoProfile, int], Path] = make_world
-    prepare_store: Callable[[Path, Path, DemoProfile], Path] = prepare_store
+    make_world: Callable[[Path, WorldSpec, int], Path] = make_world
+    prepare_store: Callable[[Path, Path, WorldSpec], Path] = prepare_store
     load_store: Callable[[Path], Any] = load_store
     available_methods: Callable[[], list[str]] = available_methods
     resolve_method: Callable[[str], type] = resolve_method
@@ -304,7 +339,9 @@ def run_demo(
     Args:
         out: output folder (``./fmrirecon_demo`` by default).
         quick: the 3-minute profile (1 subject, fewer test images, samples and steps).
-        data: data home holding ``world/`` (NSD layout) and ``world_store/``; default :func:`data_home`.
+        data: data home holding the world (``world/``, NSD layout) and its store (``store/``), the folders
+            ``fmrirecon world make`` / ``prepare nsd`` use; the quick profile makes a one-subject
+            ``world_quick/`` unless ``store/`` exists. Default :func:`data_home`.
         methods: method names to run; default every registered method.
         seed: one seed for the world, training and sampling (same seed → same outputs).
         stages: replacements for the layer calls (tests).
@@ -317,7 +354,8 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     home = data_home(data)
-    world_dir, store_dir = home / "world", home / "world_store"
+    world = choose_world(home, profile)
+    world_dir, store_dir = home / world.name, home / world.store_name
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -325,12 +363,15 @@ def run_demo(
         echo(f"[demo] {name}: {message}")
         return time.perf_counter()
 
-    t = stage("world", f"synthetic world in NSD layout at {world_dir} (reused if present)")
-    world_dir = Path(stages.make_world(world_dir, profile, seed))
-    timings["world"] = time.perf_counter() - t
-
-    t = stage("prepare", f"prepared store at {store_dir} (reused if present)")
-    store_dir = Path(stages.prepare_store(world_dir, store_dir, profile))
+    if (store_dir / "manifest.json").is_file():
+        # A prepared store is all the later stages read; the world it came from is not needed again.
+        t = stage("prepare", f"reusing the prepared store at {store_dir}")
+    else:
+        t = stage("world", f"synthetic world in NSD layout at {world_dir} (reused if present)")
+        world_dir = Path(stages.make_world(world_dir, world, seed))
+        timings["world"] = time.perf_counter() - t
+        t = stage("prepare", f"preparing the store at {store_dir}")
+        store_dir = Path(stages.prepare_store(world_dir, store_dir, world))
     store = stages.load_store(store_dir)
     subjects = list(store.subjects)[: profile.n_subjects]
     if not subjects:

@@ -4,6 +4,7 @@ merge, report, arguments. The full demo on the real layers is the ``slow`` test 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -11,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmrirecon.demo import PROFILES, DemoStages, resolve_method, run_demo
+from fmrirecon.demo import (
+    FULL_WORLD,
+    PROFILES,
+    QUICK_WORLD,
+    DemoStages,
+    choose_world,
+    resolve_method,
+    run_demo,
+)
 from fmrirecon.errors import ConfigError
 from fmrirecon.evaluation.metrics import pixcorr
 from fmrirecon.io import write_json_atomic
@@ -87,15 +96,18 @@ def fake_world(tmp_path):
 
 
 def _stages(fake, calls: list[str], methods: dict[str, type], names: list[str]) -> DemoStages:
-    def make_world(world_dir, profile, seed):
-        calls.append(f"world:{profile.name}:{seed}")
+    def make_world(world_dir, world, seed):
+        assert world_dir.name == world.name
+        calls.append(f"world:{world.name}:{seed}")
         return world_dir
 
-    def prepare_store(world_dir, store_dir, profile):
-        calls.append("prepare")
-        return fake.store
+    def prepare_store(world_dir, store_dir, world):
+        calls.append(f"prepare:{store_dir.name}")
+        shutil.copytree(fake.store, store_dir)
+        return store_dir
 
     def load_store(store_dir):
+        calls.append(f"load:{store_dir.name}")
         return _FakeStore(fake.store, fake.test_ids)
 
     def resolve(name):
@@ -179,7 +191,7 @@ def test_demo_runs_stages_skips_unimportable_and_writes_metrics_and_report(fake_
 
     # Default profile: 2 subjects; each stage once, in the one-direction order.
     assert calls == [
-        "world:default:0", "prepare",
+        "world:world:0", "prepare:store", "load:store",
         "train:neuraldiffuser:1", "train:neuraldiffuser:2", "train:ridge:1", "train:ridge:2",
         "evaluate:world:6",
     ]  # fmt: skip
@@ -230,11 +242,25 @@ def test_quick_profile_uses_one_subject_and_fewer_images(fake_world, tmp_path):
     calls = []
     stages = _stages(fake_world, calls, {"ridge": _make_method("ridge", ("default",))}, ["ridge"])
     result = run_demo(tmp_path / "q", quick=True, data=tmp_path / "data", stages=stages, echo=lambda m: None)
-    assert calls == ["world:quick:0", "prepare", "train:ridge:1", "evaluate:world:1"]
+    assert calls == [
+        "world:world_quick:0", "prepare:world_quick_store", "load:world_quick_store", "train:ridge:1",
+        "evaluate:world:1",
+    ]  # fmt: skip
     assert PROFILES["quick"].n_subjects == 1 and PROFILES["quick"].samples == 1
     manifest = json.loads((result.outcomes[0].recon_dirs[0] / "manifest.json").read_text())
     assert manifest["samples"] == 1
     assert len(manifest["ids"]) == min(PROFILES["quick"].max_test_images, len(fake_world.test_ids[1]))
+
+
+def test_quick_profile_reuses_the_full_store_when_present(fake_world, tmp_path):
+    calls = []
+    stages = _stages(fake_world, calls, {"ridge": _make_method("ridge", ("default",))}, ["ridge"])
+    shutil.copytree(fake_world.store, tmp_path / "data" / "store")
+    assert choose_world(tmp_path / "data", PROFILES["quick"]) == FULL_WORLD
+    assert choose_world(tmp_path / "elsewhere", PROFILES["quick"]) == QUICK_WORLD
+    run_demo(tmp_path / "q", quick=True, data=tmp_path / "data", stages=stages, echo=lambda m: None)
+    # The store is there: neither the world nor the store is made again.
+    assert calls == ["load:store", "train:ridge:1", "evaluate:world:1"]
 
 
 def test_failing_method_is_reported_and_others_still_evaluated(fake_world, tmp_path):

@@ -62,7 +62,7 @@ def fake(tmp_path_factory):
     return write_fake_report_inputs(
         tmp_path_factory.mktemp("inputs"),
         subjects={1: 7, 2: 5},
-        methods=(("ridge", None), (f"nd{EVIL}", "guided")),
+        methods=(("ridge", "default"), (f"nd{EVIL}", "guided")),
         caption=f"a cat {EVIL} & a dog",
     )
 
@@ -213,3 +213,26 @@ def test_cli_report_writes_file(fake, tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
     assert {k: len(v) for k, v in _parse(out).rows.items()} == {"1": 2, "2": 2}
     assert main(["report", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_reads_the_evaluation_settings_as_the_suite_writes_them(fake, tmp_path):
+    doc = json.loads(fake.metrics.read_text())
+    for result in doc["results"]:
+        result["recon_dir"] = str(
+            (fake.metrics.parent / result["recon_dir"]).resolve()
+        )  # absolute, like the suite
+    doc["settings"] = {
+        "truth": {"path": str(fake.store), "kind": "store"},
+        "higher_is_better": {"pixcorr": True, "ssim": False},
+        "chance": {"pixcorr": 0.0, "ssim": None},
+        "unavailable": {"swav": f"swav: no weights under {EVIL}"},
+    }
+    metrics = tmp_path / "suite_metrics.json"
+    write_json_atomic(metrics, doc)
+    out = build_report([metrics], tmp_path / "r.html", max_images=2)
+    html = out.read_text(encoding="utf-8")
+    page = _parse(out)
+    # Ground truth found through settings["truth"]["path"]: every row has a truth image + 2 recon images.
+    assert len(page.images) == (2 + 2) * 3
+    assert "<th>ssim ↓</th>" in html and "<th>effnet ↓</th>" in html and "<th>pixcorr</th>" in html
+    assert "<code>swav</code>: swav: no weights under &lt;script&gt;" in html

@@ -62,7 +62,7 @@ def test_report_renders_in_chromium(browser_context, tmp_path):
     fake = write_fake_report_inputs(
         tmp_path / "inputs",
         subjects={1: 7, 2: 5},
-        methods=(("ridge", None), ("neuraldiffuser", "guided"), ("neuraldiffuser", "unguided")),
+        methods=(("ridge", "default"), ("neuraldiffuser", "guided"), ("neuraldiffuser", "unguided")),
         caption='a <script>window.__pwned = 1</script> "red" square',
         image_size=64,
     )

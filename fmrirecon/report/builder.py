@@ -102,7 +102,7 @@ def format_value(value: Any) -> str:
 
 
 def _label(method: str, variant: str | None) -> str:
-    return method if not variant else f"{method} · {variant}"
+    return method if not variant or variant == "default" else f"{method} · {variant}"
 
 
 def _data_uri(png: bytes) -> str:
@@ -156,9 +156,19 @@ def _metric_section(results: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     metrics = sorted({m for r in results for m in r["metrics"]}, key=_metric_sort_key)
     first = results[0]
-    chance = [chance_level(m, first.get("n_images"), first["_settings"]) for m in metrics]
+    settings = first["_settings"]
+    chance = [chance_level(m, first.get("n_images"), settings) for m in metrics]
+    higher = settings.get("higher_is_better") if isinstance(settings.get("higher_is_better"), dict) else {}
+    unavailable = settings.get("unavailable") if isinstance(settings.get("unavailable"), dict) else {}
     return {
-        "columns": [{"name": m, "lower_is_better": m in LOWER_IS_BETTER} for m in metrics],
+        "columns": [
+            {"name": m, "lower_is_better": (not higher[m]) if m in higher else m in LOWER_IS_BETTER}
+            for m in metrics
+        ],
+        "unavailable": [
+            {"name": name, "reason": reason if isinstance(reason, str) else _pretty_json(reason)}
+            for name, reason in sorted(unavailable.items())
+        ],
         "chance": [format_value(c) if c is not None else "n/a" for c in chance],
         "rows": [
             {

@@ -42,7 +42,7 @@ def _scene(rng: np.random.Generator, size: int) -> np.ndarray:
 def write_fake_report_inputs(
     root: str | os.PathLike,
     subjects: dict[int, int] | None = None,
-    methods: tuple[tuple[str, str | None], ...] = (("ridge", None), ("neuraldiffuser", "guided")),
+    methods: tuple[tuple[str, str], ...] = (("ridge", "default"), ("neuraldiffuser", "guided")),
     samples: int = 2,
     image_size: int = 32,
     loss_steps: int = 40,

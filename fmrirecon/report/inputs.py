@@ -377,10 +377,15 @@ def find_truth(inputs: ReportInputs) -> Path | None:
     """Ground-truth store recorded by the inputs: metrics settings, then run.json, then recon manifests."""
     candidates: list[Any] = []
     for evaluation in inputs.evaluations:
-        candidates += [evaluation.settings.get("truth"), evaluation.settings.get("store")]
+        truth = evaluation.settings.get("truth")
+        # The evaluation records ``{"path", "kind"}``; a plain path string is accepted too.
+        candidates += [
+            truth.get("path") if isinstance(truth, dict) else truth,
+            evaluation.settings.get("store"),
+        ]
     candidates += [run.run.get("store") for run in inputs.runs]
     candidates += [r.manifest.get("store") for r in inputs.recons]
     for candidate in candidates:
-        if candidate and (Path(candidate) / "stimuli.hdf5").is_file():
+        if isinstance(candidate, str) and (Path(candidate) / "stimuli.hdf5").is_file():
             return Path(candidate)
     return None
