@@ -40,8 +40,9 @@ Measurement model (``measure``)
 ------------------------------
 ``beta = response * scale[session, v] + offset[session, v] + noise``: per-session scale drifts and offsets
 (deterministic per subject and session) make per-session z-scoring necessary; trial noise is independent per
-call with a voxel-specific SD ``amplitude_v / snr_v`` (a fraction of voxels has SNR ~0.02, nearly pure
-noise). Typical magnitudes are a few PSC, so NSD's int16 x 300 storage keeps 0.003 PSC precision.
+call with a voxel-specific SD ``noise_sd_v`` (~0.8-2 PSC). Each voxel's signal amplitude is
+``snr_v * noise_sd_v``; a fraction of voxels has SNR 0.02 (nearly pure noise). Betas are a few PSC (well
+inside +-100), so NSD's int16 x 300 storage keeps 0.003 PSC precision without overflow.
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ def _check_images(images: np.ndarray) -> np.ndarray:
         raise ValueError(f"images must be uint8 (N, H, W, 3), got dtype {images.dtype}")
     if min(images.shape[1:3]) < 8:
         raise ValueError(f"images must be at least 8x8 pixels, got {images.shape[1]}x{images.shape[2]}")
-    return images
+    return np.ascontiguousarray(images)  # torch.from_numpy rejects negative strides (e.g. images[::-1])
 
 
 # ============================================================================================ subject
@@ -589,12 +590,14 @@ class SimulatedSubject:
         self._semantic_weights = semantic_weights.astype(np.float32)
 
         self.baseline = rng.uniform(0.5, 2.0, v).astype(np.float32)
-        self.amplitude = np.exp(rng.normal(0.0, 0.35, v)).astype(np.float32)
+        # Noise level is set first and the signal scaled by the SNR, so noise-only voxels have a tiny signal
+        # rather than a huge noise (which would overflow NSD's int16 x 300 betas).
+        self.noise_sd = np.exp(rng.normal(np.log(1.2), 0.25, v)).astype(np.float32)
         log_lo, log_hi = np.log(self.snr_range[0]), np.log(self.snr_range[1])
         snr = np.exp(rng.uniform(log_lo, log_hi, v))
         snr[rng.random(v) < self.noise_only_fraction] = 0.02
         self.snr = snr.astype(np.float32)
-        self.noise_sd = (self.amplitude / self.snr).astype(np.float32)
+        self.amplitude = (self.snr * self.noise_sd).astype(np.float32)
 
         # Standardise every voxel's drive on the fixed calibration scenes.
         cal = _calibration()
@@ -701,7 +704,7 @@ class SimulatedSubject:
         for t in range(1, n_timepoints):
             samples[t] = a * samples[t - 1] + np.sqrt(1 - a**2) * samples[t]
         samples += 0.3 * rng.standard_normal(samples.shape).astype(np.float32)
-        return (samples * self.amplitude).astype(np.float32)
+        return (samples * self.noise_sd).astype(np.float32)
 
     # ---------------------------------------------------------------------------------------- spec
     @property
