@@ -20,7 +20,8 @@ The projection (:func:`project_to_template`)
 From voxel positions in millimetres (``affine @ voxel_ijk``, RAS: +x right, +y anterior, +z superior, as
 NSD's LPI-saved volumes with identity-like affine give):
 
-1. hemisphere: voxels left of the median x are the left hemisphere;
+1. hemisphere: split at the least-populated sagittal slice in the central half of the x range (the
+   interhemispheric fissure); voxels left of it are the left hemisphere;
 2. per hemisphere, a least-squares sphere fit (centre ``c``, radius ``R``) inflates the cortex to a sphere;
 3. azimuthal equidistant projection around the pole ray ``c + R * (0, -1, 0)`` (the posterior direction):
    ``theta`` = angle between ``p - c`` and the posterior axis, ``psi = atan2(up, lateral)`` of ``p - c``;
@@ -98,10 +99,26 @@ def voxel_positions_mm(voxel_ijk: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return voxel_ijk @ affine[:3, :3].T + affine[:3, 3]
 
 
+def _midline(x: np.ndarray) -> float:
+    """x of the interhemispheric fissure: centre of the least-populated slice in the central half of x."""
+    values = np.unique(np.round(x, 4))
+    step = np.diff(values).min() if len(values) > 1 else 1.0
+    edges = np.arange(values[0] - step / 2, values[-1] + step, step)
+    counts, _ = np.histogram(x, bins=edges)
+    centres = (edges[:-1] + edges[1:]) / 2
+    span = values[-1] - values[0]
+    central = np.flatnonzero(np.abs(centres - (values[0] + span / 2)) <= span / 4)
+    if len(central) == 0:
+        return float(np.median(x))
+    emptiest = central[counts[central] == counts[central].min()]
+    # Several equally empty slices (a gap wider than one voxel): take the middle one.
+    return float(centres[emptiest[len(emptiest) // 2]])
+
+
 def project_to_template(voxel_ijk: np.ndarray, affine: np.ndarray, percentile: float = 99.0) -> np.ndarray:
     """Template-sheet coordinates ``(V, 2)`` of voxels ``(V, 3)`` (the projection in the module docstring)."""
     xyz = voxel_positions_mm(voxel_ijk, affine)
-    midline = np.median(xyz[:, 0])
+    midline = _midline(xyz[:, 0])
     hemisphere = np.where(xyz[:, 0] < midline, -1, 1)
     rho = np.zeros(len(xyz))
     psi = np.zeros(len(xyz))
