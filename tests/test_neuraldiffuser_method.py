@@ -140,7 +140,7 @@ def tiny_config(**overrides):
         batch_size=8,
         pretrain_train=TrainConfig(**train),
         finetune_train=TrainConfig(**train),
-        num_steps=6,
+        num_steps=4,
         strength=0.5,
         cfg_scale=2.0,
         guidance_scale=50.0,

@@ -1,0 +1,269 @@
+# %% [markdown]
+# # NeuralDiffuser benchmarks (synthetic world, per subject)
+#
+# What the issue asks to show, in order of importance; each section caches its results in ``OUT/results.json``
+# so a rerun continues where it stopped:
+#
+# - ``params``: parameter counts of the ``nsd_paper`` configuration (paper §6), built on the meta device;
+# - ``fit``: NeuralDiffuser (world.yaml) and the ridge baseline per subject;
+# - ``metrics``: guided / unguided / ridge on the world test set (PixCorr, SSIM, world-CLIP 2-way);
+# - ``sweep``: κ/η grid like the paper's Tab. 2 (low-level metrics), equal seeds;
+# - ``consistency``: mean pairwise similarity of 5 seeds, guided vs unguided (Fig. 9);
+# - ``retrieval``: voting retrieval with the guidance features (§5.3), top-1 of min(300, N);
+# - ``transfer``: leave-the-target-out pretraining + fine-tuning vs target only, target with ¼ of sessions;
+# - ``timing``: guided vs unguided wall time at equal steps (world backbones).
+#
+# Run: ``python benchmarks/bench_neuraldiffuser.py --out bench_out/neuraldiffuser [--subjects 1 2]``.
+
+# %%
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fmrirecon.io import write_json_atomic
+
+SECTIONS = ("params", "fit", "metrics", "sweep", "consistency", "retrieval", "transfer", "timing")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "fmrirecon" / "configs"
+
+
+def load_results(out: Path) -> dict:
+    path = out / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_results(out: Path, results: dict) -> None:
+    write_json_atomic(out / "results.json", results)
+
+
+# %% world store
+def world_store(out: Path, seed: int = 0):
+    from fmrirecon.data.prepare import prepare_nsd
+    from fmrirecon.data.store import PreparedStore
+    from fmrirecon.data.synthetic import write_synthetic_nsd
+
+    raw = write_synthetic_nsd(out / "world", seed=seed, formats=("hdf5",))
+    return PreparedStore(prepare_nsd(raw, out / "store", betas_format="hdf5"))
+
+
+# %% parameter counts
+def count_parameters() -> dict:
+    from fmrirecon.methods.neuraldiffuser.model import NSD_VOXELS, LatentDecoder, SemanticDecoder
+
+    others = {s: v for s, v in NSD_VOXELS.items() if s != 1}
+    target = {1: NSD_VOXELS[1]}
+    counts = {}
+    with torch.device("meta"):
+        for name, tokens in (("semantic (77×768)", 77), ("guidance (50×768)", 50)):
+            for stage, voxels in (("pretrain", others), ("subject", target)):
+                m = SemanticDecoder(voxels, out_tokens=tokens)
+                counts[f"{name} {stage}"] = {
+                    "total": sum(p.numel() for p in m.parameters()) / 1e6,
+                    "voxel_encoders": sum(p.numel() for p in m.voxel_encoders.parameters()) / 1e6,
+                    "backbone": sum(p.numel() for p in m.backbone.parameters()) / 1e6,
+                    "projector": sum(p.numel() for p in m.projector.parameters()) / 1e6,
+                    "prior": sum(p.numel() for p in m.prior.parameters()) / 1e6,
+                }
+        lat = LatentDecoder(target)
+        counts["latent (4×64×64) subject"] = {"total": sum(p.numel() for p in lat.parameters()) / 1e6}
+    return counts
+
+
+# %% training
+def method_config(name: str, overrides=()):
+    from fmrirecon.methods import get_method
+
+    cls = get_method(name)
+    path = CONFIG_DIR / name / "world.yaml"
+    return cls, cls.config_from(path if path.is_file() else None, list(overrides))
+
+
+def fit(name: str, store, subject: int, run_dir: Path, overrides=(), seed: int = 0):
+    from fmrirecon.methods.base import init_run_dir
+
+    cls, config = method_config(name, overrides)
+    if (run_dir / "done.json").is_file():
+        return cls.load(run_dir), 0.0
+    init_run_dir(run_dir, method=name, config=config, subject=subject, store_path=store.path, seed=seed)
+    method = cls(config)
+    t0 = time.perf_counter()
+    method.fit(store, subject, run_dir, seed=seed)
+    seconds = time.perf_counter() - t0
+    write_json_atomic(run_dir / "done.json", {"seconds": seconds})
+    return method, seconds
+
+
+# %% metrics
+def image_metrics(recons: np.ndarray, truths: np.ndarray, clip) -> dict:
+    """recons uint8 (N, K, H, W, 3), truths uint8 (N, H, W, 3) → means over images and samples."""
+    from fmrirecon.evaluation.metrics import pixcorr, rgb_to_gray, ssim, two_way_identification
+
+    n, k = recons.shape[:2]
+    truth_f = truths.astype(np.float64) / 255
+    out = {"pixcorr": [], "ssim": [], "clip2": []}
+    with torch.no_grad():
+        truth_emb = clip.image_embeds(torch.from_numpy(truth_f).permute(0, 3, 1, 2).float()).numpy()
+    for j in range(k):
+        rec = recons[:, j].astype(np.float64) / 255
+        out["pixcorr"].append(pixcorr(rec, truth_f).mean())
+        out["ssim"].append(ssim(rgb_to_gray(rec), rgb_to_gray(truth_f)).mean())
+        with torch.no_grad():
+            rec_emb = clip.image_embeds(torch.from_numpy(rec).permute(0, 3, 1, 2).float()).numpy()
+        out["clip2"].append(two_way_identification(truth_emb, rec_emb).mean())
+    return {key: float(np.mean(v)) for key, v in out.items()} | {"n_images": n, "samples": k}
+
+
+def test_set(store, subject: int, n_test: int | None):
+    ids, betas = store.subject(subject).averaged("test")
+    if n_test:
+        ids, betas = ids[:n_test], betas[:n_test]
+    return ids, betas, store.images(ids)
+
+
+# %% main
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("bench_out/neuraldiffuser"))
+    parser.add_argument("--store", type=Path, default=None, help="prepared world store (default: make one)")
+    parser.add_argument("--subjects", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--n-test", type=int, default=None, help="first n test images (default: all)")
+    parser.add_argument("--samples", type=int, default=5)
+    parser.add_argument("--sweep-images", type=int, default=24)
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--overrides", nargs="*", default=[], help="dotted overrides of world.yaml")
+    args = parser.parse_args(argv)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    results = load_results(out)
+
+    if "params" in args.only:
+        results["params"] = count_parameters()
+        save_results(out, results)
+        print(json.dumps(results["params"], indent=1))
+    if set(args.only) == {"params"}:
+        return 0
+
+    from fmrirecon.data.store import PreparedStore
+
+    store = PreparedStore(args.store) if args.store else world_store(out)
+    from fmrirecon.methods.neuraldiffuser import load_backbones
+
+    _, world_cfg = method_config("neuraldiffuser", args.overrides)
+    ld, clip = load_backbones(world_cfg)
+
+    for subject in args.subjects:
+        key = f"subj{subject:02d}"
+        res = results.setdefault(key, {})
+        nd, nd_seconds = fit("neuraldiffuser", store, subject, out / "runs" / f"nd_{key}", args.overrides)
+        nd._backbones = (ld, clip)
+        res.setdefault("fit_seconds", {})["neuraldiffuser"] = (
+            res.get("fit_seconds", {}).get("neuraldiffuser", nd_seconds) or nd_seconds
+        )
+        ids, betas, truths = test_set(store, subject, args.n_test)
+
+        if "metrics" in args.only:
+            ridge, ridge_seconds = fit("ridge", store, subject, out / "runs" / f"ridge_{key}")
+            res["fit_seconds"]["ridge"] = ridge_seconds or res["fit_seconds"].get("ridge", 0.0)
+            rows = {}
+            for variant in ("guided", "unguided"):
+                t0 = time.perf_counter()
+                recons = nd.reconstruct(betas, samples=args.samples, seed=0, variant=variant)
+                rows[variant] = image_metrics(recons, truths, clip) | {"seconds": time.perf_counter() - t0}
+                np.save(out / f"recons_{key}_{variant}.npy", recons)
+            rows["ridge"] = image_metrics(
+                ridge.reconstruct(betas, samples=args.samples, seed=0), truths, clip
+            )
+            res["metrics"] = rows
+            save_results(out, results)
+            print(key, json.dumps(rows, indent=1))
+
+        if "sweep" in args.only:
+            m = args.sweep_images
+            grid = (
+                [(0.0, 0.0)]
+                + [(k, 1.0) for k in (3e3, 3e4, 3e5)]
+                + [(3e5, e) for e in (0.8, 0.6, 0.4, 0.2, 0.1)]
+                + [(3e6, 1.0)]
+            )
+            sweep = []
+            for kappa, eta in grid:
+                recons = nd.reconstruct(
+                    betas[:m],
+                    samples=1,
+                    seed=0,
+                    variant="guided",
+                    guidance_scale=kappa,
+                    guidance_strength=eta,
+                )
+                sweep.append({"kappa": kappa, "eta": eta} | image_metrics(recons, truths[:m], clip))
+                print(key, sweep[-1])
+            res["sweep"] = sweep
+            save_results(out, results)
+
+        if "consistency" in args.only:
+            from fmrirecon.methods.neuraldiffuser.pipeline import mean_pairwise_similarity
+
+            m = args.sweep_images
+            cons = {}
+            for variant in ("guided", "unguided"):
+                recons = nd.reconstruct(betas[:m], samples=5, seed=1, variant=variant)
+                images = torch.from_numpy(recons).permute(0, 1, 4, 2, 3).float() / 255
+                cons[variant] = mean_pairwise_similarity(images)
+            res["consistency"] = cons
+            save_results(out, results)
+            print(key, cons)
+
+        if "retrieval" in args.only:
+            from fmrirecon.methods.neuraldiffuser.retrieval import voting_retrieval
+
+            brain = nd.brain_layer_embeddings(betas)
+            image = nd.image_layer_embeddings(truths)
+            res["retrieval"] = voting_retrieval(brain, image, pool_size=300)
+            res["retrieval"]["per_layer"] = [
+                voting_retrieval([b], [i], pool_size=300)["retrieval_image"] for b, i in zip(brain, image)
+            ]
+            save_results(out, results)
+            print(key, res["retrieval"])
+
+        if "transfer" in args.only:
+            quarter = max(1, store.subject(subject).n_sessions // 4)
+            m = args.sweep_images
+            rows = {}
+            for label, pretrain in (("pretrain+finetune", True), ("target only", False)):
+                over = [*args.overrides, f"target_sessions={quarter}", f"pretrain={str(pretrain).lower()}"]
+                run = out / "runs" / f"transfer_{label.replace(' ', '_').replace('+', '_')}_{key}"
+                method, _ = fit("neuraldiffuser", store, subject, run, over)
+                method._backbones = (ld, clip)
+                recons = method.reconstruct(betas[:m], samples=1, seed=0, variant="unguided")
+                rows[label] = image_metrics(recons, truths[:m], clip)
+                from fmrirecon.methods.neuraldiffuser.retrieval import voting_retrieval
+
+                rows[label]["retrieval_image"] = voting_retrieval(
+                    method.brain_layer_embeddings(betas), method.image_layer_embeddings(truths)
+                )["retrieval_image"]
+            res["transfer"] = rows | {"target_sessions": quarter}
+            save_results(out, results)
+            print(key, res["transfer"])
+
+        if "timing" in args.only:
+            m = min(4, len(betas))
+            times = {}
+            for variant in ("unguided", "guided"):
+                nd.reconstruct(betas[:1], samples=1, seed=0, variant=variant)  # warm-up
+                t0 = time.perf_counter()
+                nd.reconstruct(betas[:m], samples=1, seed=0, variant=variant)
+                times[variant] = (time.perf_counter() - t0) / m
+            times["ratio"] = times["guided"] / times["unguided"]
+            res["timing"] = times
+            save_results(out, results)
+            print(key, times)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
