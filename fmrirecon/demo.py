@@ -82,6 +82,7 @@ class DemoProfile:
         samples: reconstructions per test image (K).
         max_test_images: reconstruct only the first n shared test images (73k-id order); None = all.
         report_images: image rows per subject in the report.
+        config_files: YAML files under ``configs/<method>/`` applied in order, where the method ships them.
         method_overrides: dotted config overrides per method (on top of the method's world config), e.g. fewer
             training steps for ``quick``.
     """
@@ -92,13 +93,20 @@ class DemoProfile:
     samples: int
     max_test_images: int | None
     report_images: int = 12
+    config_files: tuple[str, ...] = ("world.yaml",)
     method_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 PROFILES: dict[str, DemoProfile] = {
     "default": DemoProfile(name="default", world=FULL_WORLD, n_subjects=2, samples=2, max_test_images=None),
     "quick": DemoProfile(
-        name="quick", world=QUICK_WORLD, n_subjects=1, samples=1, max_test_images=16, report_images=8
+        name="quick",
+        world=QUICK_WORLD,
+        n_subjects=1,
+        samples=1,
+        max_test_images=16,
+        report_images=8,
+        config_files=("world.yaml", "world_quick.yaml"),
     ),
 }
 
@@ -176,12 +184,16 @@ def resolve_method(name: str) -> type:
 
 
 def method_config(method_cls: type, profile: DemoProfile) -> Any:
-    """The method's world config (``configs/<method>/world.yaml`` if shipped) with the profile's overrides."""
+    """Method defaults ← each of the profile's ``configs/<method>/<file>.yaml`` that the method ships ← the
+    profile's dotted overrides (``world.yaml``, then ``world_quick.yaml`` for ``--quick``)."""
+    from fmrirecon.config import apply_overrides, read_yaml
+
+    config = method_cls.Config()
     config_dir = Path(__file__).parent / "configs" / method_cls.name
-    world_yaml = config_dir / "world.yaml"
-    return method_cls.config_from(
-        world_yaml if world_yaml.is_file() else None, list(profile.method_overrides.get(method_cls.name, ()))
-    )
+    for file_name in profile.config_files:
+        if (config_dir / file_name).is_file():
+            config = apply_overrides(config, read_yaml(config_dir / file_name))
+    return apply_overrides(config, list(profile.method_overrides.get(method_cls.name, ())))
 
 
 def train_method(

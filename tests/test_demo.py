@@ -301,6 +301,25 @@ def test_resolve_method_turns_import_failures_into_config_errors(tmp_path, monke
         resolve_method("missing")
 
 
+def test_method_config_layers_world_then_quick_yaml_then_overrides():
+    from dataclasses import replace
+
+    from fmrirecon.config import load_config, read_yaml
+    from fmrirecon.demo import method_config
+    from fmrirecon.methods import get_method
+
+    nd = get_method("neuraldiffuser")
+    configs = Path(__file__).resolve().parents[1] / "fmrirecon" / "configs" / "neuraldiffuser"
+    world = load_config(nd.Config, configs / "world.yaml")
+    assert method_config(nd, PROFILES["default"]) == world
+    quick = method_config(nd, PROFILES["quick"])
+    assert quick.hidden_dim == read_yaml(configs / "world_quick.yaml")["hidden_dim"] != world.hidden_dim
+    profile = replace(PROFILES["quick"], method_overrides={"neuraldiffuser": ("num_steps=3",)})
+    assert method_config(nd, profile).num_steps == 3
+    with pytest.raises(ConfigError, match="no_such_key"):
+        method_config(nd, replace(profile, method_overrides={"neuraldiffuser": ("no_such_key=1",)}))
+
+
 def test_cli_arguments_reach_run_demo(monkeypatch, tmp_path, capsys):
     import fmrirecon.demo as demo_module
     from fmrirecon.cli import build_parser, main
