@@ -281,7 +281,9 @@ class FakeSubjectStore:
         self.n_voxels = len(order)
         self.rois = {"prf-visualrois": np.repeat(np.arange(8), 5)}  # 0 (outside), V1v, V1d, ..., hV4
         ids = np.array(sorted(images_by_id))
-        self._averaged = (ids, simulator.response(np.stack([images_by_id[i] for i in ids]))[:, order])
+        responses = simulator.response(np.stack([images_by_id[i] for i in ids]))[:, order]
+        # a store keeps per-voxel z-scored betas
+        self._averaged = (ids, (responses - responses.mean(0)) / responses.std(0))
 
     def averaged(self, split):
         return self._averaged if split == "test" else (np.zeros(0, np.int64), np.zeros((0, self.n_voxels)))

@@ -196,13 +196,10 @@ class Truth:
             )
         manifest = self.path / "manifest.json"
         if manifest.is_file() and _is_store_manifest(manifest):
-            import h5py
-
             from fmrirecon.data.store import PreparedStore
 
             self.store = PreparedStore(self.path)
-            with h5py.File(self.path / "stimuli.hdf5", "r") as f:
-                self.available_ids = {int(i) for i in f["ids_73k"][()]}
+            self.available_ids = {int(i) for i in self.store.ids_73k}
             self.kind = "store"
             self._size = None
         else:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fmrirecon.errors import EvaluationInputError, WeightsUnavailableError
+from fmrirecon.errors import EvaluationInputError, FmriReconError, WeightsUnavailableError
 from fmrirecon.evaluation import metrics as M
 from fmrirecon.evaluation.features import FeatureExtractor, load_extractor, resize_tensor, to_float_tensor
 from fmrirecon.evaluation.io import ReconSet, Truth, read_recon_dir
@@ -115,11 +115,20 @@ class _BrainTarget:
             raise LookupError(f"no measured responses for {len(missing)} ids (e.g. {missing[:5]})")
         self.measured = {int(i): rows[int(i)] for i in ids}
         self.rois, self.roi_definitions = _brain_rois(sub.rois, sub.n_voxels)
-        self.image_hw = tuple(truth.images(ids[:1]).shape[1:3])
+        # The store's betas are z-scored per voxel (per session); the simulator speaks PSC with a voxel
+        # baseline. Put predictions in the same units: z-score each voxel with the mean/SD of the simulator's
+        # responses to the ground-truth images of the evaluated set.
+        truth_images = truth.images(ids)
+        self.image_hw = tuple(truth_images.shape[1:3])
+        reference = self._predict_psc(truth_images)
+        self.mean, self.sd = reference.mean(axis=0), reference.std(axis=0) + 1e-8
+
+    def _predict_psc(self, images: np.ndarray) -> np.ndarray:
+        images = _resize_uint8_to(images, self.image_hw)
+        return np.asarray(self.simulator.response(images), dtype=np.float64)[:, self.voxels]  # (B, V_store)
 
     def correlate(self, recon_images: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
-        images = _resize_uint8_to(recon_images, self.image_hw)
-        predicted = np.asarray(self.simulator.response(images))[:, self.voxels]  # (B, V_store)
+        predicted = (self._predict_psc(recon_images) - self.mean) / self.sd
         measured = np.stack([self.measured[int(i)] for i in ids])
         return M.brain_correlation(predicted, measured, self.rois)
 
@@ -190,12 +199,16 @@ def _evaluate_recon(
         else:
             try:
                 brain = _BrainTarget(truth, recon.subject, recon.ids)
-            except LookupError as err:
+            except (LookupError, FmriReconError) as err:
                 reason = str(err)
         if reason:
             local_unavailable["brain_corr_*"] = reason
         else:
-            details["brain_corr"] = {"rois": brain.roi_definitions}
+            details["brain_corr"] = {
+                "rois": brain.roi_definitions,
+                "encoding_model": "simulator noiseless response, z-scored per voxel with its responses to "
+                "the evaluated ground-truth images; measured = repeat-averaged store betas",
+            }
 
     truth_hw = None
     for k in range(k_samples):
