@@ -264,12 +264,15 @@ def reconstruct_test_set(
     method, store, store_dir: Path, subject: int, recon_root: Path, profile: DemoProfile, seed: int
 ) -> list[Path]:
     """Reconstruct the subject's repeat-averaged shared test images, one folder per variant."""
+    from fmrirecon.methods.base import store_fingerprint
+
     ids, betas = store.subject(subject).averaged("test")
     if profile.max_test_images is not None:
         # Test ids come sorted; the first n keep the 73k order and the same images across subjects.
         ids, betas = ids[: profile.max_test_images], betas[: profile.max_test_images]
     brain = method.brain_embeddings(betas)
     image_side = method.image_embeddings(store.images(ids)) if brain is not None else None
+    fingerprint = store_fingerprint(store_dir) if (store_dir / "manifest.json").is_file() else None
     recon_dirs = []
     for variant in method.variants():
         images = method.reconstruct(betas, profile.samples, seed, variant=variant)
@@ -283,7 +286,13 @@ def reconstruct_test_set(
                 images=images,
                 brain_embeddings=brain,
                 image_embeddings=image_side,
-                extra={"store": str(store_dir.resolve()), "seed": seed},
+                extra={
+                    "store": str(store_dir.resolve()),
+                    "store_fingerprint": fingerprint,
+                    "seed": seed,
+                    "split": "test",
+                    "versions": library_versions(),
+                },
             )
         )
     return recon_dirs

@@ -288,6 +288,37 @@ def test_same_seed_same_reconstructions(fake_world, tmp_path):
     assert all(x.read_bytes() == y.read_bytes() for x, y in zip(pngs_a, pngs_b, strict=True))
 
 
+def test_write_recon_dir_layout_and_checks(tmp_path):
+    from fmrirecon.demo import write_recon_dir
+    from fmrirecon.report.inputs import load_recon
+
+    ids = np.array([5, 17, 40])
+    images = np.random.default_rng(0).integers(0, 256, (3, 2, 8, 8, 3), dtype=np.uint8)
+    recon_dir = write_recon_dir(
+        tmp_path / "r", method="ridge", subject=2, variant="default", ids=ids, images=images,
+        brain_embeddings=np.ones((3, 4), np.float32), image_embeddings=None, extra={"seed": 1},
+    )  # fmt: skip
+    recon = load_recon(recon_dir)
+    assert (recon.method, recon.subject, recon.variant, recon.ids, recon.samples) == (
+        "ridge",
+        2,
+        "default",
+        [5, 17, 40],
+        2,
+    )
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(recon.images[17][1])), images[1, 1])
+    assert np.load(recon_dir / "brain_embeddings.npy").shape == (3, 4)
+    assert not (recon_dir / "image_embeddings.npy").exists()
+    with pytest.raises(ValueError, match="uint8"):
+        write_recon_dir(
+            tmp_path / "bad", method="ridge", subject=2, variant="default", ids=ids[:2], images=images,
+            brain_embeddings=None, image_embeddings=None, extra={},
+        )  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+
+
 def test_resolve_method_turns_import_failures_into_config_errors(tmp_path, monkeypatch):
     import fmrirecon.methods as registry
 
