@@ -118,3 +118,21 @@ def test_clip_vit_from_a_local_folder_equals_the_saved_model(tmp_path):
 def test_unknown_network_is_rejected():
     with pytest.raises(ValueError, match="unknown network"):
         load_extractor("vgg16", ["features"])
+
+
+def test_world_clip_extractor_gives_embeddings_and_zero_shot_scores():
+    from fmrirecon.backbones.world.models import tiny_clip_embedder
+    from fmrirecon.evaluation.features import WorldClipExtractor
+
+    embedder = tiny_clip_embedder(seed=0)
+    prompts = ["a ball", "a box", "a tent"]
+    extractor = WorldClipExtractor(embedder, prompts, ["image_embeds", "zero_shot"], "tiny world clip")
+    images = torch.rand(2, 3, 40, 40)
+    out = extractor(images)
+    with torch.no_grad():
+        embeds = embedder.image_embeds(images)
+        text = embedder.text_embeds(prompts)
+    torch.testing.assert_close(out["image_embeds"], embeds)
+    # zero-shot scores are cosine similarities to each category prompt
+    expected = F.normalize(embeds, dim=-1) @ F.normalize(text, dim=-1).T
+    torch.testing.assert_close(out["zero_shot"], expected)
