@@ -430,6 +430,8 @@ def run_demo(
                 outcome.failed = True
                 outcome.skipped_reason = f"failed on subj{subject:02d}: {type(err).__name__}: {err}"
                 echo(f"[demo] {name}: FAILED — {outcome.skipped_reason}")
+                if (run_dir / "run.json").is_file() and run_dir not in outcome.run_dirs:
+                    outcome.run_dirs.append(run_dir)  # its losses so far help to see what went wrong
                 break
 
     recon_dirs = [d for o in outcomes if not o.failed for d in o.recon_dirs]

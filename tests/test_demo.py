@@ -276,6 +276,9 @@ def test_failing_method_is_reported_and_others_still_evaluated(fake_world, tmp_p
     assert {r["method"] for r in metrics["results"]} == {"ridge"}
     html = result.report.read_text()
     assert "diverged &lt;b&gt;badly&lt;/b&gt;" in html
+    # The failed method trained before failing: its losses are still in the report, next to ridge's.
+    assert result.outcomes[0].run_dirs == [tmp_path / "f" / "runs" / "bad" / "subj01"]
+    assert html.count('class="plot loss-plot"') == 3
 
 
 def test_same_seed_same_reconstructions(fake_world, tmp_path):
