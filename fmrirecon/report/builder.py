@@ -118,7 +118,6 @@ def _pretty_json(data: Any) -> str:
 
 
 def _image_section(
-    subject: int | None,
     recons: list[ReconFolder],
     truth: GroundTruth | None,
     max_images: int,
@@ -240,7 +239,7 @@ def render_report(
             {
                 "subject": subject,
                 "label": _subject_label(subject),
-                "images": _image_section(subject, recons, ground_truth, max_images, samples_per_cell)
+                "images": _image_section(recons, ground_truth, max_images, samples_per_cell)
                 if recons
                 else None,
                 "metrics": _metric_section(subject_results),
