@@ -243,16 +243,9 @@ def _check_images(images: torch.Tensor, multiple: int) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _world_latent_diffusion() -> LatentDiffusion:
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
     from fmrirecon.backbones.clip import ClipEmbedder
-    from fmrirecon.backbones.world import WEIGHTS_DIR
+    from fmrirecon.backbones.world import WEIGHTS_DIR, load_world_backbones
 
-    folder = WEIGHTS_DIR / "latent_diffusion"
-    check_sd_folder(folder, ("vae", "unet", "scheduler"))
     clip = ClipEmbedder.world()
-    local = {"local_files_only": True}
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **local)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **local)
-    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", **local)
-    return LatentDiffusion(vae, unet, scheduler, clip.model.text_model, clip.tokenizer)
+    _, ld = load_world_backbones(WEIGHTS_DIR, clip=clip)
+    return ld

@@ -11,16 +11,16 @@ WORLD_IMAGE_SIZE = 64
 
 
 def world_vae_config() -> dict:
-    """AutoencoderKL 64x64x3 -> 4x16x16 (~1 M parameters)."""
+    """AutoencoderKL 64x64x3 -> 4x16x16 (0.65 M parameters)."""
     return dict(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(16, 32, 64),
         layers_per_block=1,
-        norm_num_groups=32,
+        norm_num_groups=8,
         sample_size=WORLD_IMAGE_SIZE,
         mid_block_add_attention=False,
         scaling_factor=1.0,  # replaced after training by 1 / std of the training latents (LDM §4.3.2)
@@ -28,15 +28,15 @@ def world_vae_config() -> dict:
 
 
 def world_unet_config(cross_attention_dim: int) -> dict:
-    """UNet2DConditionModel on 4x16x16 latents with text cross-attention (a few M parameters)."""
+    """UNet2DConditionModel on 4x16x16 latents, text cross-attention at 8x8 and 4x4 (4.2 M parameters)."""
     return dict(
         sample_size=WORLD_IMAGE_SIZE // 4,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(64, 128, 192),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=4,
         norm_num_groups=32,
@@ -60,13 +60,13 @@ def world_scheduler_config() -> dict:
 def world_clip_config(
     vocab_size: int, max_length: int, *, eos_token_id: int, pad_token_id: int, bos_token_id: int
 ) -> dict:
-    """A tiny ViT/transformer CLIP for 64 px scenes (patch 8 -> 64 patches + CLS) and world captions."""
+    """A tiny ViT/transformer CLIP for 64 px scenes (patch 16 -> 16 patches + CLS) and world captions."""
     return dict(
         text_config=dict(
             vocab_size=vocab_size,
             hidden_size=128,
             intermediate_size=512,
-            num_hidden_layers=4,
+            num_hidden_layers=3,
             num_attention_heads=4,
             max_position_embeddings=max_length,
             eos_token_id=eos_token_id,
@@ -75,10 +75,10 @@ def world_clip_config(
         ),
         vision_config=dict(
             image_size=WORLD_IMAGE_SIZE,
-            patch_size=8,
+            patch_size=16,
             hidden_size=128,
             intermediate_size=512,
-            num_hidden_layers=4,
+            num_hidden_layers=3,
             num_attention_heads=4,
         ),
         projection_dim=128,

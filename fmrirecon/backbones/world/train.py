@@ -1,0 +1,407 @@
+"""Train the world backbones on synthetic scenes and check their quality on held-out scenes.
+
+Three stages, each a plain loop (``fmrirecon backbones train-world``):
+
+1. ``clip``: a tiny transformers ``CLIPModel`` trained with the symmetric InfoNCE loss of CLIP (Radford et
+   al. 2021, Fig. 3) on (scene, caption) pairs; the word-level tokenizer is built from the training
+   captions.
+2. ``vae``: a small diffusers ``AutoencoderKL`` (64x64x3 -> 4x16x16) trained with a pixel loss plus a tiny
+   KL term (LDM's "KL-reg", Rombach et al. 2022 §3); its ``scaling_factor`` is then set to 1 / std of the
+   training latents (LDM §4.3.2), as SD's 0.18215 was.
+3. ``unet``: a diffusers ``UNet2DConditionModel`` on the VAE latents, conditioned on the world CLIP text
+   tower's token sequence (as SD on CLIP text), epsilon-prediction loss (DDPM, Ho et al. 2020, Eq. 14) with
+   caption dropout (the context replaced by the empty-text tokens) so classifier-free guidance works (Ho &
+   Salimans 2022).
+
+Training scenes come from ``make_world(n_train, seed=1000)``; held-out scenes from ``seed=2000`` (the demo's
+world uses seed 0). Captions: each step draws, per scene, its *full* caption (the most informative one: the
+longest, naming every object with size and colour, their relation and the background) with probability
+``full_caption_prob`` and one of its 5 captions uniformly otherwise. Quality checks use the full caption.
+
+Every stage checkpoints its weights (safetensors) every ``checkpoint_every`` steps under ``work_dir`` and
+resumes from the last checkpoint (weights and step; the optimiser restarts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fmrirecon.io import atomic_path, library_versions, save_safetensors_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STAGES = ("clip", "vae", "unet")
+
+
+@dataclass
+class WorldTrainConfig:
+    """Hyper-parameters of ``train-world`` (defaults = the shipped weights)."""
+
+    train_seed: int = 1000
+    n_train: int = 6000
+    heldout_seed: int = 2000
+    n_heldout: int = 300
+    image_size: int = 64
+    full_caption_prob: float = 0.5
+    # CLIP
+    clip_steps: int = 1000
+    clip_batch: int = 64
+    clip_lr: float = 1e-3
+    # VAE
+    vae_steps: int = 800
+    vae_batch: int = 12
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    # UNet
+    unet_steps: int = 2000
+    unet_batch: int = 32
+    unet_lr: float = 5e-4
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    # bookkeeping
+    checkpoint_every: int = 100
+    threads: int = 1
+
+
+def full_caption(captions: list[str]) -> str:
+    """The most informative of a scene's 5 captions: the one with the most words (the "full" kind)."""
+    return max(captions, key=lambda c: (len(c.split()), c))
+
+
+# ---------------------------------------------------------------------- helpers
+def _images_tensor(world) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(world.images).permute(0, 3, 1, 2).float().div_(255)
+
+
+def _pick_captions(world, index: np.ndarray, rng: np.random.Generator, full_prob: float) -> list[str]:
+    out = []
+    for i in index:
+        caps = world.captions[i]
+        out.append(full_caption(caps) if rng.random() < full_prob else caps[rng.integers(len(caps))])
+    return out
+
+
+def _cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+class _Checkpoint:
+    """Weights + step of one stage under ``work_dir/<stage>``, saved atomically, for resuming."""
+
+    def __init__(self, work_dir: Path, stage: str) -> None:
+        self.weights = work_dir / f"{stage}.safetensors"
+        self.state = work_dir / f"{stage}.json"
+
+    def load(self, module: torch.nn.Module) -> int:
+        if not self.weights.is_file():
+            return 0
+        from safetensors.torch import load_file
+
+        module.load_state_dict(load_file(self.weights))
+        return int(json.loads(self.state.read_text())["step"])
+
+    def save(self, module: torch.nn.Module, step: int, **extra) -> None:
+        save_safetensors_atomic(module.state_dict(), self.weights)
+        write_json_atomic(self.state, {"step": step, **extra})
+
+
+def _loop(
+    stage: str, total: int, start: int, step_fn, checkpoint: _Checkpoint, module, every: int, lr: float, opt
+):
+    losses = []
+    bar = tqdm(range(start, total), desc=f"train-world {stage}", initial=start, total=total)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, total, lr)
+        loss = step_fn(step)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{stage}: non-finite loss {loss} at step {step}")
+        losses.append(loss)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if (step + 1) % every == 0 or step + 1 == total:
+            checkpoint.save(module, step + 1, loss=float(np.mean(losses[-50:])))
+    return losses
+
+
+# ---------------------------------------------------------------------- stage 1: CLIP
+def train_clip(cfg: WorldTrainConfig, world, work_dir: Path):
+    """Contrastive training of the world CLIP. Returns a :class:`ClipEmbedder`."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from fmrirecon.backbones.clip import ClipEmbedder
+    from fmrirecon.backbones.world.models import world_clip_config
+    from fmrirecon.backbones.world.tokenizer import build_word_tokenizer, words_of
+
+    all_captions = [c for caps in world.captions for c in caps]
+    longest = max(len(words_of(c)) for c in all_captions)
+    tokenizer = build_word_tokenizer(all_captions, max_length=longest + 2 + 2)  # + BOS/EOS + headroom
+    config = CLIPConfig(
+        **world_clip_config(
+            len(tokenizer),
+            tokenizer.model_max_length,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+    )
+    torch.manual_seed(cfg.train_seed)
+    model = CLIPModel(config)
+    clip = ClipEmbedder(model, tokenizer)
+    model.train().requires_grad_(True)
+    checkpoint = _Checkpoint(work_dir, "clip")
+    start = checkpoint.load(model)
+    images = _images_tensor(world)
+    rng = np.random.default_rng(cfg.train_seed + start)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
+
+    def step_fn(step):
+        index = rng.choice(len(images), size=cfg.clip_batch, replace=False)
+        texts = _pick_captions(world, index, rng, cfg.full_caption_prob)
+        img = F.normalize(clip.image_embeds(images[index]), dim=-1)
+        txt = F.normalize(clip.text_embeds(texts), dim=-1)
+        logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
+        # identical captions in a batch (e.g. two "a photo") are positives for each other
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
+        target = same / same.sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    _loop("clip", cfg.clip_steps, start, step_fn, checkpoint, model, cfg.checkpoint_every, cfg.clip_lr, opt)
+    model.eval().requires_grad_(False)
+    return clip
+
+
+# ---------------------------------------------------------------------- stage 2: VAE
+def train_vae(cfg: WorldTrainConfig, world, work_dir: Path):
+    """Autoencoder training; returns the ``AutoencoderKL`` with ``scaling_factor`` set from the data."""
+    from diffusers import AutoencoderKL
+
+    from fmrirecon.backbones.world.models import world_vae_config
+
+    torch.manual_seed(cfg.train_seed + 1)
+    vae = AutoencoderKL(**world_vae_config())
+    checkpoint = _Checkpoint(work_dir, "vae")
+    start = checkpoint.load(vae)
+    images = _images_tensor(world)
+    rng = np.random.default_rng(cfg.train_seed + 1 + start)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train()
+
+    def step_fn(step):
+        x = images[rng.choice(len(images), size=cfg.vae_batch, replace=False)] * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    _loop("vae", cfg.vae_steps, start, step_fn, checkpoint, vae, cfg.checkpoint_every, cfg.vae_lr, opt)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat(
+            [vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean for i in range(0, 2048, 256)]
+        )
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae
+
+
+# ---------------------------------------------------------------------- stage 3: UNet
+def train_unet(cfg: WorldTrainConfig, world, clip, vae, work_dir: Path):
+    """Text-conditional denoiser on the VAE latents; returns the EMA ``UNet2DConditionModel``."""
+    import copy
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from fmrirecon.backbones.world.models import world_scheduler_config, world_unet_config
+
+    images = _images_tensor(world)
+    with torch.no_grad():
+        latents = (
+            torch.cat(
+                [vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean for i in range(0, len(images), 256)]
+            )
+            * vae.config.scaling_factor
+        )
+        empty = clip.text_tokens([""])
+    torch.manual_seed(cfg.train_seed + 2)
+    unet = UNet2DConditionModel(**world_unet_config(clip.model.config.text_config.hidden_size))
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    checkpoint, ema_checkpoint = _Checkpoint(work_dir, "unet"), _Checkpoint(work_dir, "unet_ema")
+    start = checkpoint.load(unet)
+    ema_checkpoint.load(ema)
+    noise_scheduler = DDPMScheduler(
+        **{k: v for k, v in world_scheduler_config().items() if k != "set_alpha_to_one"}
+    )
+    rng = np.random.default_rng(cfg.train_seed + 2 + start)
+    gen = torch.Generator().manual_seed(cfg.train_seed + 2 + start)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
+    unet.train()
+
+    def step_fn(step):
+        index = rng.choice(len(images), size=cfg.unet_batch, replace=False)
+        texts = _pick_captions(world, index, rng, cfg.full_caption_prob)
+        with torch.no_grad():
+            context = clip.text_tokens(texts)
+            drop = torch.from_numpy(rng.random(len(texts)) < cfg.caption_dropout)
+            context[drop] = empty[0]
+        z0 = latents[index]
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=gen)
+        zt = noise_scheduler.add_noise(z0, noise, t)
+        loss = F.mse_loss(unet(zt, t, encoder_hidden_states=context).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), unet.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
+            ema_checkpoint.save(ema, step + 1)
+        return loss.item()
+
+    _loop("unet", cfg.unet_steps, start, step_fn, checkpoint, unet, cfg.checkpoint_every, cfg.unet_lr, opt)
+    return ema.eval()
+
+
+# ---------------------------------------------------------------------- save / check
+def save_world_weights(weights_dir: Path, clip=None, vae=None, unet=None) -> None:
+    """Write the shipped layout: ``clip/`` (transformers) and ``latent_diffusion/{vae,unet,scheduler}``."""
+    from diffusers import DDIMScheduler
+
+    from fmrirecon.backbones.world.models import world_scheduler_config
+
+    if clip is not None:
+        clip.save_pretrained(weights_dir / "clip")
+    ld_dir = weights_dir / "latent_diffusion"
+    for name, module in (("vae", vae), ("unet", unet)):
+        if module is not None:
+            with atomic_path(ld_dir / name) as tmp:
+                module.save_pretrained(tmp)
+    if not (ld_dir / "scheduler").is_dir():
+        with atomic_path(ld_dir / "scheduler") as tmp:
+            DDIMScheduler(**world_scheduler_config()).save_pretrained(tmp)
+
+
+@torch.no_grad()
+def check_world_backbones(
+    clip,
+    ld,
+    heldout,
+    *,
+    n_generate: int = 100,
+    guidance_scale: float = 4.0,
+    num_steps: int = 50,
+    seed: int = 0,
+) -> dict:
+    """Quality of the world backbones on held-out scenes (figures for benchmarks/RESULTS.md).
+
+    - ``vae_pixcorr``: PixCorr of VAE reconstructions (encode mean -> decode) vs the scenes.
+    - ``clip_retrieval_top1_100``: image -> full-caption top-1 among 100 (30 random pools).
+    - ``gen_two_way_clip``: images generated from the full captions of ``n_generate`` scenes, two-way
+      identification against the true scenes on world-CLIP image embeddings (chance 0.5).
+    - ``gen_category_zero_shot``: generated images whose primary category wins world-CLIP zero-shot
+      classification over prompts "a <category>".
+    """
+    from fmrirecon.backbones.sampling import text_to_image
+    from fmrirecon.data.world import CATEGORIES
+    from fmrirecon.evaluation.metrics import pixcorr, retrieval_top1, two_way_identification
+
+    images = _images_tensor(heldout)
+    full = [full_caption(c) for c in heldout.captions]
+    recon = torch.cat(
+        [ld.decode_latents(ld.encode_images(images[i : i + 100])) for i in range(0, len(images), 100)]
+    )
+    img_emb = torch.cat([clip.image_embeds(images[i : i + 100]) for i in range(0, len(images), 100)])
+    txt_emb = torch.cat([clip.text_embeds(full[i : i + 100]) for i in range(0, len(full), 100)])
+    retrieval = retrieval_top1(txt_emb.numpy(), img_emb.numpy(), pool_size=100, n_draws=30, seed=seed)
+
+    gen = torch.cat(
+        [
+            text_to_image(
+                ld, full[i : i + 50], guidance_scale=guidance_scale, num_steps=num_steps, seed=seed + i
+            )
+            for i in range(0, n_generate, 50)
+        ]
+    )
+    gen_emb = clip.image_embeds(gen)
+    two_way = two_way_identification(img_emb[:n_generate].numpy(), gen_emb.numpy())
+    prompts = [f"a {category}" for category in CATEGORIES]
+    logits = F.normalize(gen_emb, dim=-1) @ F.normalize(clip.text_embeds(prompts), dim=-1).T
+    zero_shot = (logits.argmax(1).numpy() == heldout.primary_category[:n_generate]).mean()
+    true_logits = F.normalize(img_emb, dim=-1) @ F.normalize(clip.text_embeds(prompts), dim=-1).T
+    return {
+        "n_heldout": len(images),
+        "vae_pixcorr": float(pixcorr(recon.numpy(), images.numpy()).mean()),
+        "clip_retrieval_top1_100": retrieval["brain"]["mean"],  # brain = caption side: image -> caption
+        "clip_retrieval_caption_to_image_top1_100": retrieval["image"]["mean"],
+        "clip_zero_shot_category_true_images": float(
+            (true_logits.argmax(1).numpy() == heldout.primary_category).mean()
+        ),
+        "n_generated": n_generate,
+        "guidance_scale": guidance_scale,
+        "num_steps": num_steps,
+        "gen_two_way_clip": float(two_way.mean()),
+        "gen_category_zero_shot": float(zero_shot),
+        "caption_used": "full caption (longest of the 5: every object with size and colour, relation, "
+        "background)",
+    }
+
+
+def train_world(cfg: WorldTrainConfig, weights_dir: Path, work_dir: Path, stages=STAGES) -> dict:
+    """Run the requested stages, write the weights into ``weights_dir`` and return timings (+ checks)."""
+    from fmrirecon.backbones.clip import ClipEmbedder
+    from fmrirecon.data.world import make_world
+
+    torch.set_num_threads(cfg.threads)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        work_dir / "config.json", {"config": dataclasses.asdict(cfg), "versions": library_versions()}
+    )
+    world = make_world(cfg.n_train, image_size=cfg.image_size, seed=cfg.train_seed)
+    timings = {}
+    clip = vae = None
+    if "clip" in stages:
+        t0 = time.perf_counter()
+        clip = train_clip(cfg, world, work_dir)
+        save_world_weights(weights_dir, clip=clip)
+        timings["clip_s"] = time.perf_counter() - t0
+    if "vae" in stages:
+        t0 = time.perf_counter()
+        vae = train_vae(cfg, world, work_dir)
+        save_world_weights(weights_dir, vae=vae)
+        timings["vae_s"] = time.perf_counter() - t0
+    if "unet" in stages:
+        from diffusers import AutoencoderKL
+
+        t0 = time.perf_counter()
+        clip = clip or ClipEmbedder.from_pretrained(weights_dir / "clip")
+        vae = vae or AutoencoderKL.from_pretrained(
+            weights_dir / "latent_diffusion" / "vae", local_files_only=True
+        )
+        unet = train_unet(cfg, world, clip, vae, work_dir)
+        save_world_weights(weights_dir, unet=unet)
+        timings["unet_s"] = time.perf_counter() - t0
+    write_json_atomic(work_dir / "timings.json", timings)
+    return timings
