@@ -1,0 +1,185 @@
+"""Ridge alpha search: himalaya (one decomposition per fold serves all alphas) vs scikit-learn refitting
+``Ridge`` for every alpha and fold.
+
+The NSD-sized problem is about 24,000 trials x 15,724 voxels (subj01 nsdgeneral) -> a 4x64x64 SD latent
+(16,384 targets), float32, 8 alphas, 5-fold CV, alpha chosen per target. ``--scale`` shrinks trials and
+voxels (targets stay 16,384 unless ``--targets`` says otherwise). Random data with a planted low-rank linear
+signal whose SNR varies across targets, so the targets need different alphas.
+
+scikit-learn does the same search by brute force: for each fold and alpha, ``Ridge(alpha).fit`` on all targets
+and the validation squared error per target; the alpha with the lowest mean error per target wins; then one
+refit per distinct chosen alpha on its targets. With ``--sklearn-folds k < 5`` only k folds are run and
+timed, and the search time is extrapolated linearly to 5 folds (the report says so); chosen alphas and
+predictions are then compared only when all folds ran.
+
+    python benchmarks/bench_ridge.py --scale 0.125                       # full comparison, ~minutes
+    python benchmarks/bench_ridge.py --scale 0.25 --sklearn-folds 1      # sklearn extrapolated from 1 fold
+    python benchmarks/bench_ridge.py --scale 0.25 --results benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+FULL_TRIALS, FULL_VOXELS, FULL_TARGETS = 24_000, 15_724, 16_384
+
+
+def make_problem(n_train: int, n_test: int, n_voxels: int, n_targets: int, rank: int = 64, seed: int = 0):
+    """X (n, V) ~ N(0, 1); Y = X A B · snr + ε with a rank-``rank`` map and per-target SNR in [0.03, 3]."""
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    X = rng.standard_normal((n, n_voxels), dtype=np.float32)
+    A = rng.standard_normal((n_voxels, rank), dtype=np.float32) / np.sqrt(n_voxels)
+    B = rng.standard_normal((rank, n_targets), dtype=np.float32) / np.sqrt(rank)
+    snr = rng.permutation(np.logspace(-1.5, 0.5, n_targets)).astype(np.float32)
+    Y = (X @ A) @ B * snr
+    Y += rng.standard_normal(Y.shape, dtype=np.float32)
+    return X[:n_train], Y[:n_train], X[n_train:], Y[n_train:]
+
+
+def sklearn_search(X, Y, alphas, cv: int, n_folds_run: int, seed: int = 0):
+    """Brute-force per-target alpha search; returns (best alphas or None, coef or None, timings)."""
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import KFold
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    x_mean, x_std = X.mean(0), X.std(0)
+    Xs = (X - x_mean) / x_std
+    y_mean = Y.mean(0)
+    Yc = Y - y_mean
+    errors = np.zeros((len(alphas), Y.shape[1]))
+    for fold, (train, val) in enumerate(KFold(cv, shuffle=True, random_state=seed).split(Xs)):
+        if fold >= n_folds_run:
+            break
+        for i, alpha in enumerate(alphas):
+            pred = Ridge(alpha=float(alpha), fit_intercept=False).fit(Xs[train], Yc[train]).predict(Xs[val])
+            errors[i] += ((pred - Yc[val]) ** 2).mean(0)
+            print(f"  sklearn fold {fold} alpha {alpha:.3g}: {time.perf_counter() - t0:.1f} s", flush=True)
+    search, search_cpu = time.perf_counter() - t0, time.process_time() - c0
+    best = np.asarray(alphas)[errors.argmin(0)]
+    t1, c1 = time.perf_counter(), time.process_time()
+    coef = np.zeros((X.shape[1], Y.shape[1]), dtype=np.float32)
+    for alpha in np.unique(best):
+        cols = best == alpha
+        ridge = Ridge(alpha=float(alpha), fit_intercept=False).fit(Xs, Yc[:, cols])
+        coef[:, cols] = ridge.coef_.reshape(int(cols.sum()), -1).T
+    refit, refit_cpu = time.perf_counter() - t1, time.process_time() - c1
+    complete = n_folds_run >= cv
+
+    def predict(Xt):
+        return ((Xt - x_mean) / x_std) @ coef + y_mean
+
+    timings = {"search": search, "refit": refit, "search_cpu": search_cpu, "refit_cpu": refit_cpu}
+    return (best if complete else None), (predict if complete else None), timings
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=float, default=0.25, help="fraction of NSD trials and voxels")
+    parser.add_argument("--targets", type=int, default=FULL_TARGETS, help="number of targets (default 16384)")
+    parser.add_argument("--alphas", type=int, default=8, help="number of alphas (log-spaced 1e1..1e6)")
+    parser.add_argument("--cv", type=int, default=5, help="folds")
+    parser.add_argument(
+        "--sklearn-folds", type=int, default=None, help="folds to run with sklearn (default all)"
+    )
+    parser.add_argument("--skip-sklearn", action="store_true", help="time himalaya only")
+    parser.add_argument("--backend", default="torch", help="himalaya backend (torch, numpy, torch_cuda)")
+    parser.add_argument(
+        "--n-test", type=int, default=500, help="held-out trials for the prediction comparison"
+    )
+    parser.add_argument("--results", type=Path, default=None, help="append a markdown section to this file")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from fmrirecon.methods.ridge import fit_ridge_cv
+
+    n_train = int(round(FULL_TRIALS * args.scale))
+    n_voxels = int(round(FULL_VOXELS * args.scale))
+    alphas = tuple(np.logspace(1, 6, args.alphas).tolist())
+    print(
+        f"problem: {n_train} trials x {n_voxels} voxels -> {args.targets} targets, {args.alphas} alphas, "
+        f"{args.cv}-fold CV, float32",
+        flush=True,
+    )
+    t = time.perf_counter()
+    X, Y, X_test, Y_test = make_problem(n_train, args.n_test, n_voxels, args.targets)
+    print(f"data generated in {time.perf_counter() - t:.1f} s", flush=True)
+
+    # warm-up: imports and backend initialisation are not part of the fit
+    fit_ridge_cv(X[:50, :20], Y[:50, :3], alphas, cv=args.cv, backend=args.backend)
+    import sklearn.linear_model  # noqa: F401
+
+    t, c = time.perf_counter(), time.process_time()
+    fit = fit_ridge_cv(X, Y, alphas, cv=args.cv, backend=args.backend, seed=0)
+    t_himalaya, c_himalaya = time.perf_counter() - t, time.process_time() - c
+    solver = "primal (SVD)" if n_train >= n_voxels else "kernel (eigh)"
+    print(f"himalaya ({args.backend}, {solver}): {t_himalaya:.1f} s", flush=True)
+    pred_h = fit.predict(X_test)
+    r_h = float(np.mean([np.corrcoef(pred_h[:, j], Y_test[:, j])[0, 1] for j in range(0, args.targets, 64)]))
+
+    rows = {
+        "sizes": f"{n_train} trials x {n_voxels} voxels -> {args.targets} targets (scale {args.scale}), "
+        f"{args.alphas} alphas, {args.cv}-fold CV, float32; {args.n_test} held-out trials",
+        "himalaya": f"{t_himalaya:.1f} s wall, {c_himalaya:.1f} s CPU (backend {args.backend}, "
+        f"solver {solver}, alpha per target)",
+        "held-out r (himalaya)": f"{r_h:.3f} (mean over every 64th target)",
+    }
+    if not args.skip_sklearn:
+        folds = args.cv if args.sklearn_folds is None else min(args.sklearn_folds, args.cv)
+        best, predict, times = sklearn_search(X, Y, alphas, args.cv, folds)
+        t_sklearn = times["search"] * args.cv / folds + times["refit"]
+        c_sklearn = times["search_cpu"] * args.cv / folds + times["refit_cpu"]
+        how = (
+            "measured"
+            if folds == args.cv
+            else f"extrapolated: {folds} of {args.cv} folds timed, x{args.cv / folds:g}"
+        )
+        print(
+            f"sklearn: search {times['search']:.1f} s over {folds} fold(s), refit {times['refit']:.1f} s -> "
+            f"{t_sklearn:.1f} s ({how})",
+            flush=True,
+        )
+        rows["scikit-learn"] = (
+            f"{t_sklearn:.1f} s wall, {c_sklearn:.1f} s CPU ({how}; search {times['search']:.1f} s, "
+            f"refit per chosen alpha {times['refit']:.1f} s)"
+        )
+        rows["speed-up"] = f"{t_sklearn / t_himalaya:.1f}x wall, {c_sklearn / c_himalaya:.1f}x CPU"
+        if best is not None:
+            agree = float(np.mean(np.isclose(best, fit.best_alphas, rtol=1e-4)))
+            pred_s = predict(X_test)
+            diff = float(np.abs(pred_s - pred_h).max())
+            rows["chosen alphas"] = (
+                f"same alpha for {agree:.2%} of targets; himalaya's choices: "
+                + ", ".join(f"{a:.3g}: {n}" for a, n in zip(*np.unique(fit.best_alphas, return_counts=True)))
+            )
+            rows["max prediction difference"] = (
+                f"{diff:.2e} (held-out predictions; their std is {float(pred_h.std()):.3f})"
+            )
+    machine = (
+        f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} logical CPUs, torch threads "
+        f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at start of report"
+    )
+    rows["machine"] = machine
+    rows["date"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    report = "\n".join(f"| {k} | {v} |" for k, v in rows.items())
+    section = f"\n#### `bench_ridge.py --scale {args.scale}`\n\n| | |\n|---|---|\n{report}\n"
+    print(section)
+    if args.results is not None:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        if not args.results.exists():
+            args.results.write_text("# Benchmark results\n", encoding="utf-8")
+        with open(args.results, "a", encoding="utf-8") as f:
+            f.write(section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
