@@ -23,7 +23,8 @@ Encoding model (``response``, pixels only)
 A fixed feature map of the image (:func:`pixel_features`), then one linear drive per voxel, standardised on
 a fixed calibration set of world scenes and expressed in percent signal change (PSC)::
 
-    response_v = baseline_v + amplitude_v * (drive_v - mean_v) / sd_v          (PSC, baseline 0.5-2)
+    z_v = (drive_v - mean_v) / sd_v
+    response_v = baseline_v + amplitude_v * 3 tanh(z_v / 3)          (PSC, baseline 0.5-2)
 
 * retinotopic voxels (V1, V2, V3, hV4 and a dorsal V3AB-like band): Gaussian receptive-field pooling of
   luminance, red-green, blue-yellow, luminance-edge and colour-edge energy maps; RF centres vary smoothly
@@ -65,6 +66,7 @@ from fmrirecon.data.surface import (
 from fmrirecon.errors import ConfigError
 
 SPEC_FORMAT = "fmrirecon-simulated-subject"
+RESPONSE_SATURATION = 3.0  # responses saturate softly at this many signal SDs from baseline
 SPEC_VERSION = 1
 VOXEL_SIZE_MM = 1.8
 SHELL_THICKNESS_MM = 4.0
@@ -129,10 +131,16 @@ CALIBRATION_SEED = 7331
 CALIBRATION_IMAGES = 1000
 TEMPLATE_CANVAS = 17  # matched-filter kernel side (pixels at FEATURE_RES)
 FEATURE_BATCH = 256
-MATCH_STRIDE = 2  # positions tested every 2 pixels: 4x cheaper, edges are ~2 px wide anyway
+MATCH_STRIDE = 1  # every position; stride 2 is ~30 % cheaper but drops category AUC from 0.87 to 0.81
 
 
 # ============================================================================================ feature map
+# Rows: R, G, B, luminance (Rec. 601), red-green and blue-yellow opponent channels from RGB.
+_OPPONENT = torch.tensor(
+    [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.299, 0.587, 0.114], [1, -1, 0], [-0.5, -0.5, 1]], dtype=torch.float32
+)
+
+
 def _sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
     """Gradient magnitude of each channel, ``(N, C, H, W)`` -> ``(N, C, H, W)`` (replicate padding)."""
     kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
@@ -185,22 +193,24 @@ def pixel_features(images: np.ndarray) -> dict[str, torch.Tensor]:
     """
     images = _check_images(images)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
-    if x.shape[-1] != FEATURE_RES or x.shape[-2] != FEATURE_RES:
-        x = F.interpolate(
-            x, size=(FEATURE_RES, FEATURE_RES), mode="bilinear", antialias=True, align_corners=False
-        )
-    r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    luminance = 0.299 * r + 0.587 * g + 0.114 * b
-    red_green, blue_yellow = r - g, b - (r + g) / 2
-    edge = _sobel_magnitude(luminance[:, None])[:, 0]
-    colour_edge = _sobel_magnitude(torch.stack([red_green, blue_yellow], 1)).pow(2).sum(1).sqrt()
+    h, w = x.shape[-2:]
+    if h == w and h % FEATURE_RES == 0:
+        x = F.avg_pool2d(x, h // FEATURE_RES) if h > FEATURE_RES else x
+    else:
+        x = F.interpolate(x, size=(FEATURE_RES, FEATURE_RES), mode="bilinear", antialias=True)
+    # R, G, B, luminance, red-green, blue-yellow: one Sobel pass for all six channels.
+    channels = torch.einsum("kc,nchw->nkhw", _OPPONENT, x)
+    magnitude = _sobel_magnitude(channels)  # (N, 6, H, W)
+    luminance, red_green, blue_yellow = channels[:, 3], channels[:, 4], channels[:, 5]
+    edge = magnitude[:, 3]
+    colour_edge = magnitude[:, 4:].pow(2).sum(1).sqrt()
     maps = torch.stack([luminance - 0.5, red_green, blue_yellow, edge, colour_edge], dim=1)
     low_level = F.avg_pool2d(maps, FEATURE_RES // POOL_RES)
 
     # Normalised cross-correlation of the colour-edge image with every template, max over positions (the
     # position invariance of higher visual cortex).
     templates, supports = _templates()
-    edges = _sobel_magnitude(x).pow(2).sum(1).sqrt()  # (N, H, W)
+    edges = magnitude[:, :3].pow(2).sum(1).sqrt()  # (N, H, W) colour-edge energy
     e = (edges / (edges.pow(2).mean(dim=(-2, -1), keepdim=True).sqrt() + 1e-6))[:, None]
     pad = TEMPLATE_CANVAS // 2
     corr = F.conv2d(e, templates, stride=MATCH_STRIDE, padding=pad)  # (N, C*S, h, w)
@@ -648,9 +658,11 @@ class SimulatedSubject:
     def response(self, images: np.ndarray) -> np.ndarray:
         """Noiseless ground-truth response, float32 ``(N, V)`` in PSC, of uint8 images ``(N, H, W, 3)``."""
         drive = self._drive(images)
-        return (self.baseline + self.amplitude * (drive - self._drive_mean) / self._drive_sd).astype(
-            np.float32
-        )
+        standardised = (drive - self._drive_mean) / self._drive_sd
+        # Soft saturation at +-RESPONSE_SATURATION SDs: BOLD responses saturate, and outlier images must not
+        # produce betas beyond int16 x 300 storage.
+        saturated = RESPONSE_SATURATION * np.tanh(standardised / RESPONSE_SATURATION)
+        return (self.baseline + self.amplitude * saturated).astype(np.float32)
 
     def session_effects(self, session: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scale (V,), offset (V,))`` of a 1-based session; deterministic per subject and session."""
