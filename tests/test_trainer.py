@@ -195,3 +195,16 @@ def test_same_seed_same_weights_different_seed_different_weights(tmp_path):
         Trainer(config, tmp_path / str(i), seed=seed).fit(model, make_loader(), "s")
     assert torch.equal(models[0].head.weight, models[1].head.weight)
     assert not torch.equal(models[0].head.weight, models[2].head.weight)
+
+
+def test_stages_may_switch_to_bf16_autocast_in_one_process(tmp_path):
+    fp32, bf16 = make_model(), make_model()
+    Trainer(TrainConfig(epochs=3, lr=1e-2, progress=False), tmp_path / "a", seed=0).fit(
+        fp32, make_loader(), "s"
+    )
+    config = TrainConfig(epochs=3, lr=1e-2, progress=False, mixed_precision="bf16")
+    Trainer(config, tmp_path / "b", seed=0).fit(bf16, make_loader(), "s")
+    lines = [json.loads(x) for x in (tmp_path / "b" / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert bf16.head.weight.dtype == torch.float32  # autocast only: master weights stay float32
+    assert not torch.equal(fp32.head.weight, bf16.head.weight)  # bf16 matmuls round differently

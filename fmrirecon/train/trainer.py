@@ -210,6 +210,7 @@ class Trainer:
             ConfigError: the stage was started with another TrainConfig / run config.
         """
         from accelerate import Accelerator, DataLoaderConfiguration
+        from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
         from tqdm.auto import tqdm
 
@@ -222,7 +223,7 @@ class Trainer:
         ckpt_dir = stage_dir / "checkpoints"
         train_cfg_dict = config_to_dict(cfg)
 
-        accelerator = Accelerator(
+        accelerator_kwargs = dict(
             # `accelerate launch --multi_gpu` on a machine without GPUs: accelerate only sets up gloo
             # data parallelism when told to run on CPU.
             cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
@@ -234,6 +235,11 @@ class Trainer:
                 DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
             ],
         )
+        if AcceleratorState._shared_state.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision:
+            # Stages may differ in precision; accelerate keeps one process-wide state, so drop it (the
+            # process group, held by PartialState, survives).
+            AcceleratorState._reset_state()
+        accelerator = Accelerator(**accelerator_kwargs)
         self.accelerator = accelerator
         is_main = accelerator.is_main_process
 
