@@ -124,3 +124,19 @@ def test_wrong_voxel_count_raises_subject_mismatch(subjects):
         projector(np.zeros((1, subjects[1].n_voxels), np.float32))
     with pytest.raises(ValueError, match=r"\(V, 2\)"):
         S.SheetProjector(np.zeros((10, 3)))
+
+
+def test_projector_from_voxels_matches_the_projection(subjects):
+    subject = subjects[0]
+    projector = S.SheetProjector.from_voxels(subject.voxel_ijk, subject.affine, size=48)
+    reference = S.SheetProjector(S.project_to_template(subject.voxel_ijk, subject.affine), size=48)
+    betas = np.random.default_rng(3).normal(size=(2, subject.n_voxels)).astype(np.float32)
+    np.testing.assert_allclose(projector(betas), reference(betas))
+
+
+def test_flat_voxel_sets_fall_back_to_the_centroid():
+    # A flat slab per hemisphere: a sphere fit degenerates, the projection must still give finite coordinates.
+    ijk = np.array([(i, 0, k) for i in list(range(0, 6)) + list(range(10, 16)) for k in range(6)])
+    xy = S.project_to_template(ijk, np.diag([1.8, 1.8, 1.8, 1.0]))
+    assert np.isfinite(xy).all()
+    np.testing.assert_array_equal(xy[:, 0] < 0, ijk[:, 0] < 8)

@@ -22,7 +22,8 @@ NSD's LPI-saved volumes with identity-like affine give):
 
 1. hemisphere: split at the least-populated sagittal slice in the central half of the x range (the
    interhemispheric fissure); voxels left of it are the left hemisphere;
-2. per hemisphere, a least-squares sphere fit (centre ``c``, radius ``R``) inflates the cortex to a sphere;
+2. per hemisphere, a least-squares sphere fit (centre ``c``, radius ``R``) inflates the cortex to a sphere
+   (when ``R`` exceeds 3x the voxel set's extent, the set is nearly flat and its centroid is used as ``c``);
 3. azimuthal equidistant projection around the pole ray ``c + R * (0, -1, 0)`` (the posterior direction):
    ``theta`` = angle between ``p - c`` and the posterior axis, ``psi = atan2(up, lateral)`` of ``p - c``;
 4. ``rho = theta / theta_ref`` with ``theta_ref`` the 99th percentile of ``theta`` in that hemisphere, so
@@ -128,7 +129,11 @@ def project_to_template(voxel_ijk: np.ndarray, affine: np.ndarray, percentile: f
             raise ValueError(
                 f"hemisphere {h:+d} has {sel.sum()} voxels; the projection needs at least 4 per side"
             )
-        centre, _ = fit_sphere(xyz[sel])
+        centre, radius = fit_sphere(xyz[sel])
+        span = np.ptp(xyz[sel], axis=0).max()
+        if not np.isfinite(radius) or radius > 3 * span:
+            # Nearly flat voxel sets fit huge spheres; the centroid then stands in for the centre.
+            centre = xyz[sel].mean(axis=0)
         direction = xyz[sel] - centre
         direction /= np.linalg.norm(direction, axis=1, keepdims=True)
         theta = np.arccos(np.clip(direction @ POSTERIOR, -1.0, 1.0))
@@ -184,6 +189,13 @@ class SheetProjector:
         self.footprint = (row_sum > 0).reshape(self.size, self.size)
         inv = np.divide(1.0, row_sum, out=np.zeros_like(row_sum), where=row_sum > 0)
         self.matrix = (scipy.sparse.diags(inv) @ matrix).tocsr().astype(np.float32)
+
+    @classmethod
+    def from_voxels(
+        cls, voxel_ijk: np.ndarray, affine: np.ndarray, size: int = 256, **kwargs
+    ) -> SheetProjector:
+        """Projector for voxels given as indices ``(V, 3)`` + affine (what a prepared store holds)."""
+        return cls(project_to_template(voxel_ijk, affine), size=size, **kwargs)
 
     def __call__(self, betas):
         """``betas (B, V)`` (numpy or torch) -> float32 maps ``(B, 1, size, size)`` of the same array type."""
