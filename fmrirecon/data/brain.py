@@ -66,8 +66,8 @@ from fmrirecon.data.surface import (
 from fmrirecon.errors import ConfigError
 
 SPEC_FORMAT = "fmrirecon-simulated-subject"
-RESPONSE_SATURATION = 3.0  # responses saturate softly at this many signal SDs from baseline
 SPEC_VERSION = 1
+RESPONSE_SATURATION = 3.0  # responses saturate softly at this many signal SDs from baseline
 VOXEL_SIZE_MM = 1.8
 SHELL_THICKNESS_MM = 4.0
 # nsdgeneral voxel counts of NSD subj01..08 (dataset-formats.md §1.9); simulated subjects keep their ratios.
@@ -189,7 +189,8 @@ def pixel_features(images: np.ndarray) -> dict[str, torch.Tensor]:
     Returns:
         ``low_level``: ``(N, 5, POOL_RES, POOL_RES)`` maps (``LOW_LEVEL_CHANNELS``);
         ``descriptor``: ``(N, D)`` global descriptor (max normalised matched-filter response per category
-        and size, colour presence, mean colour and edge energy of the upper and lower image halves).
+        and size, colour presence, mean colour and edge energy of the upper and lower image halves);
+        ``colour``: ``(N, len(COLOURS))`` colour presence (also part of the descriptor).
     """
     images = _check_images(images)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
@@ -222,17 +223,10 @@ def pixel_features(images: np.ndarray) -> dict[str, torch.Tensor]:
     half = FEATURE_RES // 2
     colour_halves = torch.cat([x[..., :half, :].mean(dim=(-2, -1)), x[..., half:, :].mean(dim=(-2, -1))], 1)
     edge_halves = torch.stack([edges[:, :half].mean(dim=(-2, -1)), edges[:, half:].mean(dim=(-2, -1))], 1)
-    descriptor = torch.cat(
-        [
-            matches,
-            _colour_presence(F.avg_pool2d(x, FEATURE_RES // POOL_RES)),
-            colour_halves,
-            edge_halves,
-            luminance.std(dim=(-2, -1))[:, None],
-        ],
-        dim=1,
-    )
-    return {"low_level": low_level, "descriptor": descriptor}
+    colour = _colour_presence(F.avg_pool2d(x, FEATURE_RES // POOL_RES))
+    contrast = luminance.std(dim=(-2, -1))[:, None]
+    descriptor = torch.cat([matches, colour, colour_halves, edge_halves, contrast], dim=1)
+    return {"low_level": low_level, "descriptor": descriptor, "colour": colour}
 
 
 @dataclass(frozen=True)
@@ -251,6 +245,11 @@ class _Calibration:
 
 @functools.lru_cache(maxsize=1)
 def _calibration() -> _Calibration:
+    """Calibrate the feature map on the world scenes of ``CALIBRATION_SEED`` (once per process).
+
+    The ridge readout (penalty 1, standardised descriptor + intercept) maps the descriptor to the scenes'
+    ``things`` and ``stuff`` labels; it is what makes category evidence selective.
+    """
     calib = world_mod.make_world(CALIBRATION_IMAGES, image_size=64, seed=CALIBRATION_SEED)
     feats = pixel_features(calib.images)
     low_scale = feats["low_level"].std(dim=(0, 2, 3)) + 1e-6
@@ -260,8 +259,7 @@ def _calibration() -> _Calibration:
     targets = torch.from_numpy(np.concatenate([calib.things, calib.stuff], 1).astype(np.float64))
     ridge = 1.0 * torch.eye(design.shape[1], dtype=torch.float64)
     readout = torch.linalg.solve(design.T @ design + ridge, design.T @ targets)
-    n_colour = len(world_mod.COLOURS)
-    colour = feats["descriptor"][:, 3 * len(world_mod.CATEGORIES) : 3 * len(world_mod.CATEGORIES) + n_colour]
+    colour = feats["colour"]
     evidence = design.float() @ readout.float()
     colour_z = (colour - colour.mean(0)) / (colour.std(0) + 1e-6)
     return _Calibration(
@@ -284,9 +282,7 @@ def semantic_features(features: dict[str, torch.Tensor]) -> torch.Tensor:
     cal = _calibration()
     desc = (features["descriptor"] - cal.descriptor_mean) / cal.descriptor_scale
     evidence = torch.cat([desc, torch.ones(len(desc), 1)], 1) @ cal.readout
-    n_cat = len(world_mod.CATEGORIES)
-    colour = features["descriptor"][:, 3 * n_cat : 3 * n_cat + len(world_mod.COLOURS)]
-    return torch.cat([evidence, (colour - cal.colour_mean) / cal.colour_scale], 1)
+    return torch.cat([evidence, (features["colour"] - cal.colour_mean) / cal.colour_scale], 1)
 
 
 SEMANTIC_NAMES: tuple[str, ...] = (
