@@ -158,7 +158,12 @@ def fit_ridge_cv(
         best = bk.to_numpy(model.best_alphas_).astype(np.float32)
         scores = bk.to_numpy(model.cv_scores_).astype(np.float32)
     coef = np.ascontiguousarray(coef, dtype=np.float32)
-    pred = X @ coef
+    # in-sample prediction statistics, a chunk of targets at a time (N x T predictions can be GBs at NSD size)
+    pred_mean = np.empty(coef.shape[1], dtype=np.float32)
+    pred_std = np.empty(coef.shape[1], dtype=np.float32)
+    for start in range(0, coef.shape[1], 4096):
+        pred = X @ coef[:, start : start + 4096]
+        pred_mean[start : start + 4096], pred_std[start : start + 4096] = pred.mean(0), pred.std(0)
     return RidgeFit(
         x_mean=x_mean.astype(np.float32),
         x_std=x_std.astype(np.float32),
@@ -167,6 +172,6 @@ def fit_ridge_cv(
         y_std=y_std.astype(np.float32),
         best_alphas=np.broadcast_to(best, (Y.shape[1],)).astype(np.float32),
         cv_scores=scores,
-        pred_mean=(pred.mean(0) + y_mean).astype(np.float32),
-        pred_std=pred.std(0).astype(np.float32),
+        pred_mean=(pred_mean + y_mean).astype(np.float32),
+        pred_std=pred_std,
     )
