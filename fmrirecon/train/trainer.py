@@ -367,6 +367,10 @@ class Trainer:
                     )
                     saved_at = step
                 if step >= total_steps:
+                    if batch_in_epoch < batches_per_epoch and hasattr(epoch_loader, "end"):
+                        # leaving a pass early: unregister the loader from accelerate's gradient state, as
+                        # the end of a pass would, so that the next stage's accumulation is not confused
+                        epoch_loader.end()
                     break
         bar.close()
         if writer is not None:
