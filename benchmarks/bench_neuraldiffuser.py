@@ -28,7 +28,7 @@ import torch
 
 from fmrirecon.io import write_json_atomic
 
-SECTIONS = ("params", "fit", "metrics", "sweep", "consistency", "retrieval", "transfer", "timing")
+SECTIONS = ("params", "fullsize", "fit", "metrics", "sweep", "consistency", "retrieval", "transfer", "timing")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "fmrirecon" / "configs"
 
 
@@ -125,6 +125,94 @@ def test_set(store, subject: int, n_test: int | None):
     return ids, betas, store.images(ids)
 
 
+# %% one full-size step on CPU (random SD 1.4 / ViT-B/32-sized components; no download)
+def fullsize_step_timing(repeats: int = 1) -> dict:
+    """Seconds of one unguided and one guided DDIM step at SD 1.4 sizes (latent 4×64×64, 512 px, CFG batch 2).
+
+    The projected ratio of a whole reconstruction uses the paper's schedule: 37 steps run, 7 of them guided.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from torch import nn
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from fmrirecon.backbones.diffusion import LatentDiffusion
+    from fmrirecon.methods.neuraldiffuser.pipeline import ReconstructionSettings, reconstruct_images
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD 1.x sizes
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        latent_channels=4,
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=512,
+    )
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    empty = torch.zeros(1, 77, 768)
+
+    class RandomSD(LatentDiffusion):
+        def empty_text_embedding(self):
+            return empty
+
+    ld = RandomSD(vae, unet, scheduler, nn.Identity(), None)
+    vision = CLIPVisionModel(CLIPVisionConfig(patch_size=32, image_size=224)).eval().requires_grad_(False)
+
+    class Clip:
+        def image_hidden_states(self, images, layers, site="block"):
+            x = torch.nn.functional.interpolate(images, size=(224, 224), mode="bicubic", align_corners=False)
+            hidden = vision(pixel_values=x, output_hidden_states=True).hidden_states
+            return [hidden[layer] for layer in layers]
+
+    text = torch.randn(1, 77, 768)
+    latents = torch.randn(1, 4, 64, 64)
+    layers = (2, 4, 6, 8, 10, 12)
+    targets = [torch.randn(1, 50, 768) for _ in layers]
+    times = {}
+    for label, kappa in (("unguided", 0.0), ("guided", 3e5)):
+        # num_steps=1, strength=1 → exactly one DDIM step; guidance_strength=1 guides it.
+        settings = ReconstructionSettings(
+            num_steps=1, strength=1.0, guidance_scale=kappa, guidance_strength=1.0
+        )
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            reconstruct_images(
+                ld,
+                text,
+                latents,
+                clip=Clip(),
+                layers=layers,
+                guidance_targets=targets,
+                settings=settings,
+                samples=1,
+                progress=False,
+            )
+            best = min(best, time.perf_counter() - t0)
+        times[label] = best
+    # The VAE decode of the result is included in both; subtract it to get the per-step difference only.
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ld.decode_latents(latents)
+    decode = time.perf_counter() - t0
+    step_u, step_g = times["unguided"] - decode, times["guided"] - decode
+    return {
+        "unguided_step_s": step_u,
+        "guided_step_s": step_g,
+        "vae_decode_s": decode,
+        "step_ratio": step_g / step_u,
+        "projected_run_ratio_37_steps_7_guided": (37 * step_u + 7 * (step_g - step_u) + decode)
+        / (37 * step_u + decode),
+    }
+
+
 # %% main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -145,7 +233,11 @@ def main(argv=None) -> int:
         results["params"] = count_parameters()
         save_results(out, results)
         print(json.dumps(results["params"], indent=1))
-    if set(args.only) == {"params"}:
+    if "fullsize" in args.only:
+        results["fullsize_step"] = fullsize_step_timing()
+        save_results(out, results)
+        print(json.dumps(results["fullsize_step"], indent=1))
+    if set(args.only) <= {"params", "fullsize"}:
         return 0
 
     from fmrirecon.data.store import PreparedStore

@@ -146,3 +146,24 @@ def test_paper_parameter_counts_on_meta_device():
         assert abs(counts[key] - value) < 7, (key, counts[key])
     # The pretraining/subject difference is the voxel encoders only: 6 more encoders than subj01's own.
     assert counts["semantic", "pretrain"] - counts["semantic", "subject"] == pytest.approx(845 - 497, abs=1)
+
+
+def test_training_step_switches_bimixco_to_softclip_after_a_third():
+    from fmrirecon.methods.neuraldiffuser.train import DecoderTrainingStep
+
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        mixco_fraction = 1 / 3
+
+        def loss(self, betas, subjects, target, progress):
+            calls.append(progress < self.mixco_fraction)
+            return {"loss": torch.zeros(())}
+
+    step = DecoderTrainingStep(Recorder(), total_batches=6)
+    batch = {"betas": torch.zeros(2, 3), "subject": torch.ones(2), "target": torch.zeros(2, 1)}
+    for _ in range(6):
+        step.training_step(batch)
+    assert calls == [True, True, False, False, False, False]
+    # The counter is checkpointed with the weights, so a resumed stage continues the schedule.
+    assert int(step.state_dict()["seen_batches"]) == 6
