@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.linalg
 from scipy.spatial.distance import correlation as scipy_correlation
 from skimage.color import rgb2gray
 from skimage.metrics import structural_similarity
@@ -171,8 +172,17 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_shift(rng):
     assert abs(metrics.frechet_distance(feats, feats)) < 1e-6
     assert metrics.frechet_distance(feats, feats + 1.0) == pytest.approx(16.0, rel=1e-6)
     # N < D: singular covariances still give a finite, near-zero self-distance
-    small = rng.standard_normal((10, 64))
-    assert abs(metrics.frechet_distance(small, small)) < 1e-3
+    small = rng.standard_normal((10, 2048)) * 50
+    assert abs(metrics.frechet_distance(small, small)) < 1e-6 * (small**2).sum()
+
+
+def test_fid_equals_the_sqrtm_formula(rng):
+    a = rng.standard_normal((60, 12))
+    b = 0.7 * rng.standard_normal((45, 12)) @ rng.standard_normal((12, 12)) + 0.3
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    diff = a.mean(0) - b.mean(0)
+    expected = diff @ diff + np.trace(cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real)
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
 
 
 def test_inception_score_bounds():

@@ -148,7 +148,7 @@ class ClipVisionExtractor(FeatureExtractor):
     """``CLIPVisionModelWithProjection``: node ``image_embeds`` (B, D) = OpenAI CLIP ``encode_image``."""
 
     def _forward(self, pixels):
-        return {"image_embeds": self.module(pixel_values=pixels).image_embeds}
+        return {"image_embeds": self.module(pixels).image_embeds}  # positional: forward hooks see it
 
 
 class WorldClipExtractor(FeatureExtractor):
