@@ -103,7 +103,8 @@ class ObjectSpec:
 class SceneSpec:
     """Scene graph: ``background`` stuff (whole image, or above the horizon if ``ground`` is set), objects.
 
-    Objects are stored in drawing order (largest first, so small objects stay visible).
+    Objects are stored in drawing order (largest first, so small objects stay visible). ``texture_seed``
+    picks one of 8 noise variants of the background textures; it changes no label or caption.
     """
 
     background: str
