@@ -106,3 +106,30 @@ def test_prepare_sessions_option(made):
     store = PreparedStore(out)
     assert store.manifest["sessions"] == {"1": 3, "2": 3}
     assert store.subject(1).n_trials == 60
+
+
+def test_prepare_god_from_cli(tmp_path):
+    import h5py
+
+    from fmrirecon.data.god import stimulus_id, write_bdata
+
+    rng = np.random.default_rng(0)
+    ids = stimulus_id(np.full(8, 1001), np.arange(8))
+    with h5py.File(tmp_path / "images.hdf5", "w") as f:
+        f["images"] = rng.integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
+        f["stimulus_id"] = ids
+    rows = np.concatenate([np.arange(6), np.tile([6, 7], 3)])
+    samples = {
+        "DataType": np.repeat([1, 2], [6, 6]),
+        "Run": np.repeat([1, 2], 6),
+        "Block": np.tile(np.arange(1, 7), 2),
+        "stimulus_id": ids[rows],
+    }
+    write_bdata(tmp_path / "Subject3.h5", rng.normal(size=(12, 9)), samples, {"ROI_VC": np.ones(9)})
+    assert main(["prepare", "god", "--root", str(tmp_path), "--out", str(tmp_path / "store")]) == 0
+    store = PreparedStore(tmp_path / "store")
+    assert store.subjects == [3] and store.subject(3).split_ids("test").tolist() == [6, 7]
+    assert (
+        main(["prepare", "god", "--root", str(tmp_path), "--out", str(tmp_path / "s2"), "--subjects", "1"])
+        == 2
+    )
