@@ -131,6 +131,7 @@ CALIBRATION_SEED = 7331
 CALIBRATION_IMAGES = 1000
 TEMPLATE_CANVAS = 17  # matched-filter kernel side (pixels at FEATURE_RES)
 FEATURE_BATCH = 256
+REST_CHUNK = 512  # rest-run timepoints generated at once
 MATCH_STRIDE = 1  # every position; stride 2 is ~30 % cheaper but drops category AUC from 0.87 to 0.81
 
 
@@ -704,10 +705,12 @@ class SimulatedSubject:
         nx, ny = int(2 * TEMPLATE_HALF_WIDTH / pixel), int(2 * TEMPLATE_HALF_HEIGHT / pixel)
         col = np.clip(((self.sheet_xy[:, 0] + TEMPLATE_HALF_WIDTH) / pixel).astype(int), 0, nx - 1)
         row = np.clip(((self.sheet_xy[:, 1] + TEMPLATE_HALF_HEIGHT) / pixel).astype(int), 0, ny - 1)
-        noise = rng.standard_normal((n_timepoints, ny, nx)).astype(np.float32)
-        fields = gaussian_filter(noise, sigma=(0, self.rest_length / pixel, self.rest_length / pixel))
-        fields /= fields.std() + 1e-12
-        samples = fields[:, row, col]  # (T, V)
+        samples = np.empty((n_timepoints, self.n_voxels), np.float32)
+        for start in range(0, n_timepoints, REST_CHUNK):  # bounded memory for long runs
+            stop = min(start + REST_CHUNK, n_timepoints)
+            noise = rng.standard_normal((stop - start, ny, nx)).astype(np.float32)
+            fields = gaussian_filter(noise, sigma=(0, self.rest_length / pixel, self.rest_length / pixel))
+            samples[start:stop] = fields[:, row, col] / (fields.std() + 1e-12)  # (t, V), unit variance
         a = self.rest_autocorrelation
         for t in range(1, n_timepoints):
             samples[t] = a * samples[t - 1] + np.sqrt(1 - a**2) * samples[t]
