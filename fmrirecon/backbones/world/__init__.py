@@ -15,6 +15,7 @@ def load_world_backbones(weights_dir: Path = WEIGHTS_DIR, clip=None):
     """``(ClipEmbedder, LatentDiffusion)`` from a world weights folder; the diffusion model's text encoder and
     tokenizer are the CLIP's own text tower and tokenizer (one module, shared). ``clip``: reuse a loaded
     one."""
+    import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     from fmrirecon.backbones.clip import ClipEmbedder
@@ -31,6 +32,7 @@ def load_world_backbones(weights_dir: Path = WEIGHTS_DIR, clip=None):
     check_sd_folder(folder, ("vae", "unet", "scheduler"))
     local = {"local_files_only": True}
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **local)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **local)
+    # the UNet ships in float16 (file size); compute in float32 on CPU
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32, **local)
     scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", **local)
     return clip, LatentDiffusion(vae, unet, scheduler, clip.model.text_model, clip.tokenizer)

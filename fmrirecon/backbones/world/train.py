@@ -24,6 +24,7 @@ resumes from the last checkpoint (weights and step; the optimiser restarts).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -75,8 +76,12 @@ class WorldTrainConfig:
 
 
 def full_caption(captions: list[str]) -> str:
-    """The most informative of a scene's 5 captions: the one with the most words (the "full" kind)."""
-    return max(captions, key=lambda c: (len(c.split()), c))
+    """The most informative of a scene's 5 captions (the "full" kind: every object with its size and colour,
+    their relation, the background): most size/colour words, then most words."""
+    from fmrirecon.data.world import COLOURS, SIZES
+
+    attributes = set(COLOURS) | set(SIZES)
+    return max(captions, key=lambda c: (sum(w in attributes for w in c.split()), len(c.split()), c))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -208,7 +213,9 @@ def train_vae(cfg: WorldTrainConfig, world, work_dir: Path):
     def step_fn(step):
         x = images[rng.choice(len(images), size=cfg.vae_batch, replace=False)] * 2 - 1
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
+        # decode the posterior mean: with a KL weight this small the posterior collapses to its mean anyway,
+        # and the sampling noise of the untrained log-variance only slows the start down
+        recon = vae.decode(posterior.mean).sample
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -228,8 +235,6 @@ def train_vae(cfg: WorldTrainConfig, world, work_dir: Path):
 # ---------------------------------------------------------------------- stage 3: UNet
 def train_unet(cfg: WorldTrainConfig, world, clip, vae, work_dir: Path):
     """Text-conditional denoiser on the VAE latents; returns the EMA ``UNet2DConditionModel``."""
-    import copy
-
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from fmrirecon.backbones.world.models import world_scheduler_config, world_unet_config
@@ -298,7 +303,8 @@ def save_world_weights(weights_dir: Path, clip=None, vae=None, unet=None) -> Non
     for name, module in (("vae", vae), ("unet", unet)):
         if module is not None:
             with atomic_path(ld_dir / name) as tmp:
-                module.save_pretrained(tmp)
+                # float16 keeps the UNet file under 8 MB; loading casts back to float32
+                (copy.deepcopy(module).half() if name == "unet" else module).save_pretrained(tmp)
     if not (ld_dir / "scheduler").is_dir():
         with atomic_path(ld_dir / "scheduler") as tmp:
             DDIMScheduler(**world_scheduler_config()).save_pretrained(tmp)

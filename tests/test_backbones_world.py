@@ -1,0 +1,101 @@
+"""World backbones: word tokenizer, short training loops, checkpoint resume, shipped weights, quality."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fmrirecon.backbones.world import WEIGHTS_DIR
+from fmrirecon.backbones.world.tokenizer import build_word_tokenizer, words_of
+from fmrirecon.backbones.world.train import WorldTrainConfig, full_caption, train_clip, train_vae
+from fmrirecon.data.world import make_world
+
+SHIPPED = (WEIGHTS_DIR / "clip" / "config.json").is_file() and (WEIGHTS_DIR / "latent_diffusion").is_dir()
+
+
+def test_word_tokenizer_round_trips(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = build_word_tokenizer(["A large red ball on grass.", "two boxes"], max_length=10)
+    ids = tok(["a red ball, on grass"], padding="max_length", max_length=10, truncation=True).input_ids[0]
+    tokens = tok.convert_ids_to_tokens(ids)
+    assert tokens[:7] == ["[BOS]", "a", "red", "ball", "[UNK]", "on", "grass"]
+    assert tokens[7] == "[EOS]" and tokens[8:] == ["[PAD]", "[PAD]"]
+    long = tok(["ball " * 30], padding="max_length", max_length=10, truncation=True).input_ids[0]
+    assert len(long) == 10 and long[-1] == tok.eos_token_id  # truncation keeps EOS (CLIP pools it)
+    tok.save_pretrained(tmp_path / "tok")
+    again = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert again(["a red ball"]).input_ids == tok(["a red ball"]).input_ids
+    assert again.model_max_length == 10
+    assert words_of("A ball, two.") == ["a", "ball", ",", "two", "."]
+
+
+def test_full_caption_is_the_most_informative():
+    world = make_world(200, seed=1000)
+    for spec, captions in zip(world.specs, world.captions):
+        full = full_caption(captions)
+        assert all(obj.colour in full and obj.category in full for obj in spec.objects)
+
+
+def test_training_lowers_the_losses_and_resumes(tmp_path):
+    world = make_world(48, seed=1000)
+    cfg = WorldTrainConfig(clip_steps=20, clip_batch=16, vae_steps=6, vae_batch=4, checkpoint_every=10)
+    torch.set_num_threads(1)
+    clip = train_clip(cfg, world, tmp_path)
+    history = (tmp_path / "clip.json").read_text()
+    assert '"step": 20' in history
+    images = torch.from_numpy(world.images[:16]).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        sim = (
+            clip.image_embeds(images, normalize=True)
+            @ clip.text_embeds([full_caption(c) for c in world.captions[:16]], normalize=True).T
+        )
+    # the trained pairs are already above chance: true caption ranks in the better half on average
+    ranks = (sim > sim.diag()[:, None]).sum(1).float()
+    assert ranks.mean() < 7.5
+    vae = train_vae(cfg, world, tmp_path)
+    assert vae.config.scaling_factor > 0
+    # resuming a finished stage does no step and returns the same weights
+    again = train_vae(cfg, world, tmp_path)
+    for a, b in zip(vae.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not SHIPPED, reason="world weights not built yet (fmrirecon backbones train-world)")
+class TestShippedWeights:
+    def test_loading_is_cached_offline_and_shares_the_text_tower(self, monkeypatch):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        from fmrirecon.backbones.clip import ClipEmbedder
+        from fmrirecon.backbones.diffusion import LatentDiffusion
+
+        clip, ld = ClipEmbedder.world(), LatentDiffusion.world()
+        assert ClipEmbedder.world() is clip and LatentDiffusion.world() is ld
+        assert ld.text_encoder is clip.model.text_model and ld.tokenizer is clip.tokenizer
+        assert ld.image_size == 64 and ld.latent_shape == (4, 16, 16)
+        assert ld.vae.config.scaling_factor != 1.0  # set from the training latents
+        torch.testing.assert_close(ld.encode_text(["a red ball"]), clip.text_tokens(["a red ball"]))
+
+    def test_files_are_small_safetensors(self):
+        files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
+        weights = [p for p in files if p.suffix == ".safetensors"]
+        assert len(weights) == 3 and all(p.stat().st_size < 8 * 2**20 for p in weights)
+        assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+
+    def test_quality_on_held_out_scenes(self):
+        from fmrirecon.backbones.clip import ClipEmbedder
+        from fmrirecon.backbones.diffusion import LatentDiffusion
+        from fmrirecon.evaluation.metrics import pixcorr
+
+        clip, ld = ClipEmbedder.world(), LatentDiffusion.world()
+        heldout = make_world(40, seed=WorldTrainConfig().heldout_seed)
+        images = torch.from_numpy(heldout.images).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            recon = ld.decode_latents(ld.encode_images(images))
+            sim = (
+                clip.image_embeds(images, normalize=True)
+                @ clip.text_embeds([full_caption(c) for c in heldout.captions], normalize=True).T
+            )
+        assert pixcorr(recon.numpy(), images.numpy()).mean() > 0.9
+        assert (sim.argmax(1) == torch.arange(40)).float().mean() > 0.6  # image -> caption among 40
+        assert np.isfinite(sim.numpy()).all()
