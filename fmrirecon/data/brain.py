@@ -129,7 +129,6 @@ POOL_RES = 16  # low-level maps are pooled by receptive fields on this grid
 LOW_LEVEL_CHANNELS = ("luminance", "red_green", "blue_yellow", "edge", "colour_edge")
 CALIBRATION_SEED = 7331
 CALIBRATION_IMAGES = 1000
-TEMPLATE_CANVAS = 17  # matched-filter kernel side (pixels at FEATURE_RES)
 FEATURE_BATCH = 256
 REST_CHUNK = 512  # rest-run timepoints generated at once
 MATCH_STRIDE = 1  # every position; stride 2 is ~30 % cheaper but drops category AUC from 0.87 to 0.81
@@ -153,25 +152,26 @@ def _sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=1)
-def _templates() -> tuple[torch.Tensor, torch.Tensor]:
-    """Matched filters: the edge map of every (category, size) silhouette and each size's support disc.
+def _templates() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Matched filters per object size: every category's silhouette edge map and the size's support disc.
 
-    Returns ``(templates (C*S, 1, k, k), supports (S, 1, k, k))``; templates are zero-mean with unit norm.
+    Returns one ``(templates (C, 1, k, k), support (1, 1, k, k))`` pair per size in ``SIZES``; ``k`` just
+    covers the silhouette plus the Sobel footprint, templates are zero-mean with unit norm.
     """
-    canvas = TEMPLATE_CANVAS
-    templates, supports = [], []
-    yy, xx = np.mgrid[:canvas, :canvas] - canvas // 2
+    filters = []
     for size in world_mod.SIZES:
         radius = world_mod.SIZE_RADIUS[size] * FEATURE_RES
-        supports.append((np.hypot(yy, xx) <= radius * 1.15).astype(np.float32))
-    for category in world_mod.CATEGORIES:
-        for size in world_mod.SIZES:
-            radius = world_mod.SIZE_RADIUS[size] * FEATURE_RES
+        canvas = 2 * int(np.ceil(radius + 1.0)) + 1
+        yy, xx = np.mgrid[:canvas, :canvas] - canvas // 2
+        support = torch.from_numpy((np.hypot(yy, xx) <= radius * 1.15).astype(np.float32))[None, None]
+        templates = []
+        for category in world_mod.CATEGORIES:
             silhouette = torch.from_numpy(world_mod.shape_coverage(category, radius, canvas))[None, None]
             edges = _sobel_magnitude(silhouette)[0, 0].numpy()
             edges = edges - edges.mean()
             templates.append(edges / np.linalg.norm(edges))
-    return torch.from_numpy(np.stack(templates))[:, None], torch.from_numpy(np.stack(supports))[:, None]
+        filters.append((torch.from_numpy(np.stack(templates))[:, None], support))
+    return filters
 
 
 def _colour_presence(x: torch.Tensor) -> torch.Tensor:
@@ -211,16 +211,15 @@ def pixel_features(images: np.ndarray) -> dict[str, torch.Tensor]:
 
     # Normalised cross-correlation of the colour-edge image with every template, max over positions (the
     # position invariance of higher visual cortex).
-    templates, supports = _templates()
     edges = magnitude[:, :3].pow(2).sum(1).sqrt()  # (N, H, W) colour-edge energy
     e = (edges / (edges.pow(2).mean(dim=(-2, -1), keepdim=True).sqrt() + 1e-6))[:, None]
-    pad = TEMPLATE_CANVAS // 2
-    corr = F.conv2d(e, templates, stride=MATCH_STRIDE, padding=pad)  # (N, C*S, h, w)
-    energy = F.conv2d(e**2, supports, stride=MATCH_STRIDE, padding=pad)  # (N, S, h, w)
-    n_sizes = len(world_mod.SIZES)
-    corr = corr.reshape(len(e), -1, n_sizes, *corr.shape[-2:])
-    ncc = corr / torch.sqrt(energy[:, None] + 1.0)
-    matches = ncc.amax(dim=(-2, -1)).reshape(len(e), -1)  # (N, C*S)
+    matches = []
+    for templates, support in _templates():
+        pad = templates.shape[-1] // 2
+        corr = F.conv2d(e, templates, stride=MATCH_STRIDE, padding=pad)  # (N, C, h, w)
+        energy = F.conv2d(e**2, support, stride=MATCH_STRIDE, padding=pad)  # (N, 1, h, w)
+        matches.append((corr / torch.sqrt(energy + 1.0)).amax(dim=(-2, -1)))  # (N, C)
+    matches = torch.stack(matches, dim=-1).reshape(len(e), -1)  # (N, C * S), category-major
     half = FEATURE_RES // 2
     colour_halves = torch.cat([x[..., :half, :].mean(dim=(-2, -1)), x[..., half:, :].mean(dim=(-2, -1))], 1)
     edge_halves = torch.stack([edges[:, :half].mean(dim=(-2, -1)), edges[:, half:].mean(dim=(-2, -1))], 1)
