@@ -230,3 +230,18 @@ def test_retrieval_embeddings(fitted):
     out = voting_retrieval(brain, image)
     assert 0.0 <= out["retrieval_image"] <= 1.0 and out["pool_size"] == len(ids)
     assert method.brain_embeddings(betas).shape == method.image_embeddings(s.images(ids)).shape
+
+
+def test_targets_average_the_five_captions(fitted):
+    from safetensors.torch import load_file
+
+    from fmrirecon.data.store import PreparedStore
+
+    method, store, run_dir = fitted
+    targets = load_file(run_dir / "targets.safetensors")
+    ld = method._backbones[0]
+    i = 3
+    image_id = int(targets["ids"][i])
+    captions = PreparedStore(store).captions(np.array([image_id]))[0]
+    torch.testing.assert_close(targets["text"][i], ld.encode_text(captions).mean(0))
+    assert targets["latent"].shape[1:] == (4, 8, 8) and targets["layer2"].shape[1:] == (16, 6)
