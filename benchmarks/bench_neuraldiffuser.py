@@ -83,7 +83,7 @@ def method_config(name: str, overrides=()):
     return cls, cls.config_from(path if path.is_file() else None, list(overrides))
 
 
-def fit(name: str, store, subject: int, run_dir: Path, overrides=(), seed: int = 0):
+def fit(name: str, store, subject: int, run_dir: Path, overrides=(), seed: int = 0, backbones=None):
     from fmrirecon.methods.base import init_run_dir
 
     cls, config = method_config(name, overrides)
@@ -91,6 +91,8 @@ def fit(name: str, store, subject: int, run_dir: Path, overrides=(), seed: int =
         return cls.load(run_dir), 0.0
     init_run_dir(run_dir, method=name, config=config, subject=subject, store_path=store.path, seed=seed)
     method = cls(config)
+    if backbones is not None:
+        method._backbones = backbones
     t0 = time.perf_counter()
     method.fit(store, subject, run_dir, seed=seed)
     seconds = time.perf_counter() - t0
@@ -116,6 +118,29 @@ def image_metrics(recons: np.ndarray, truths: np.ndarray, clip) -> dict:
             rec_emb = clip.image_embeds(torch.from_numpy(rec).permute(0, 3, 1, 2).float()).numpy()
         out["clip2"].append(two_way_identification(truth_emb, rec_emb).mean())
     return {key: float(np.mean(v)) for key, v in out.items()} | {"n_images": n, "samples": k}
+
+
+def decoding_metrics(method, betas: np.ndarray, truths: np.ndarray, ld) -> dict:
+    """Without sampling: PixCorr/SSIM of the VAE-decoded, momentum-aligned latent ẑ (the img2img start)."""
+    from fmrirecon.evaluation.metrics import pixcorr, rgb_to_gray, ssim
+
+    decoded = method.decode(betas, seed=0, guided=False)
+    with torch.no_grad():
+        blurry = ld.decode_latents(decoded["latent"]).permute(0, 2, 3, 1).numpy().astype(np.float64)
+    size = truths.shape[1]
+    if blurry.shape[1] != size:
+        blurry = (
+            torch.nn.functional.interpolate(
+                torch.from_numpy(blurry).permute(0, 3, 1, 2), size=(size, size), mode="bilinear"
+            )
+            .permute(0, 2, 3, 1)
+            .numpy()
+        )
+    truth_f = truths.astype(np.float64) / 255
+    return {
+        "latent_pixcorr": float(pixcorr(blurry, truth_f).mean()),
+        "latent_ssim": float(ssim(rgb_to_gray(blurry), rgb_to_gray(truth_f)).mean()),
+    }
 
 
 def test_set(store, subject: int, n_test: int | None):
@@ -224,6 +249,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-images", type=int, default=24)
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--overrides", nargs="*", default=[], help="dotted overrides of world.yaml")
+    parser.add_argument(
+        "--weights-dir", type=Path, default=None, help="world weights folder (default: shipped)"
+    )
     args = parser.parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -246,12 +274,19 @@ def main(argv=None) -> int:
     from fmrirecon.methods.neuraldiffuser import load_backbones
 
     _, world_cfg = method_config("neuraldiffuser", args.overrides)
-    ld, clip = load_backbones(world_cfg)
+    if args.weights_dir:
+        from fmrirecon.backbones.world import load_world_backbones
+
+        clip, ld = load_world_backbones(args.weights_dir)
+    else:
+        ld, clip = load_backbones(world_cfg)
 
     for subject in args.subjects:
         key = f"subj{subject:02d}"
         res = results.setdefault(key, {})
-        nd, nd_seconds = fit("neuraldiffuser", store, subject, out / "runs" / f"nd_{key}", args.overrides)
+        nd, nd_seconds = fit(
+            "neuraldiffuser", store, subject, out / "runs" / f"nd_{key}", args.overrides, backbones=(ld, clip)
+        )
         nd._backbones = (ld, clip)
         res.setdefault("fit_seconds", {})["neuraldiffuser"] = (
             res.get("fit_seconds", {}).get("neuraldiffuser", nd_seconds) or nd_seconds
@@ -323,21 +358,18 @@ def main(argv=None) -> int:
             print(key, res["retrieval"])
 
         if "transfer" in args.only:
+            from fmrirecon.methods.neuraldiffuser.retrieval import voting_retrieval
+
             quarter = max(1, store.subject(subject).n_sessions // 4)
-            m = args.sweep_images
             rows = {}
             for label, pretrain in (("pretrain+finetune", True), ("target only", False)):
                 over = [*args.overrides, f"target_sessions={quarter}", f"pretrain={str(pretrain).lower()}"]
-                run = out / "runs" / f"transfer_{label.replace(' ', '_').replace('+', '_')}_{key}"
-                method, _ = fit("neuraldiffuser", store, subject, run, over)
+                run = out / "runs" / f"transfer_{'pre' if pretrain else 'only'}_{key}"
+                method, _ = fit("neuraldiffuser", store, subject, run, over, backbones=(ld, clip))
                 method._backbones = (ld, clip)
-                recons = method.reconstruct(betas[:m], samples=1, seed=0, variant="unguided")
-                rows[label] = image_metrics(recons, truths[:m], clip)
-                from fmrirecon.methods.neuraldiffuser.retrieval import voting_retrieval
-
-                rows[label]["retrieval_image"] = voting_retrieval(
+                rows[label] = decoding_metrics(method, betas, truths, ld) | voting_retrieval(
                     method.brain_layer_embeddings(betas), method.image_layer_embeddings(truths)
-                )["retrieval_image"]
+                )
             res["transfer"] = rows | {"target_sessions": quarter}
             save_results(out, results)
             print(key, res["transfer"])
