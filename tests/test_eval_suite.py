@@ -366,3 +366,27 @@ def test_cli_writes_metrics_json_and_prints_a_table(folders, tmp_path, monkeypat
         )
         == 2
     )
+
+
+def test_pairing_is_by_id_not_by_position(folders, tmp_path):
+    import shutil
+
+    reordered = tmp_path / "reordered"
+    shutil.copytree(folders["recon"], reordered)
+    manifest = json.loads((reordered / "manifest.json").read_text())
+    order = np.random.default_rng(5).permutation(N_IMAGES)
+    manifest["ids"] = [manifest["ids"][i] for i in order]
+    for name in ("brain_embeddings.npy", "image_embeddings.npy"):
+        np.save(reordered / name, np.load(folders["recon"] / name)[order])
+    (reordered / "manifest.json").write_text(json.dumps(manifest))
+    preset = get_preset("braindiffuser")
+    report = evaluate_reconstructions(
+        [folders["recon"], reordered],
+        folders["truth"],
+        preset,
+        extractors=tiny_extractors(preset),
+        progress=False,
+    )
+    first, second = report["results"]
+    assert first["metrics"] == pytest.approx(second["metrics"], rel=1e-9)
+    assert first["best_of_k"] == pytest.approx(second["best_of_k"], rel=1e-9)
