@@ -83,36 +83,49 @@ def generate(root: Path, n_sessions: int, formats: list[str], seed: int = 0) -> 
         del volume, values
 
 
-_LOAD = """
+# Peak RSS from the child itself: VmHWM is reset by exec, whereas wait4's ru_maxrss on Linux also counts the
+# parent's memory at fork time.
+_HWM = """
+print("HWM", [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")][0])
+"""
+_LOAD = (
+    """
 import sys, time, numpy as np, nibabel as nib
 t = time.perf_counter(); data = np.asanyarray(nib.load(sys.argv[1]).dataobj); t = time.perf_counter() - t
 print(t, data.dtype, data.shape)
 """
-_LOAD_HDF5 = """
+    + _HWM
+)
+_LOAD_HDF5 = (
+    """
 import sys, time, h5py
 t = time.perf_counter()
 with h5py.File(sys.argv[1], "r") as f:
     data = f["betas"][()]
 print(time.perf_counter() - t, data.dtype, data.shape)
 """
-_PREPARE = """
+    + _HWM
+)
+_PREPARE = (
+    """
 import sys, time, logging
 from fmrirecon.data.prepare import prepare_nsd
 t = time.perf_counter()
 prepare_nsd(sys.argv[1], sys.argv[2], n_sessions=int(sys.argv[3]), betas_format=sys.argv[4], progress=False)
 print(time.perf_counter() - t)
 """
+    + _HWM
+)
 
 
 def run_measured(code: str, *args: str) -> tuple[float, float]:
     """(seconds printed by the child, peak RSS of the child in MiB)."""
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    out = proc.stdout.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"child failed ({proc.returncode}): {out}")
-    return float(out.split()[0]), usage.ru_maxrss / 1024  # Linux: KiB
+        raise RuntimeError(f"child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    lines = proc.stdout.splitlines()
+    hwm_kib = int(next(line for line in lines if line.startswith("HWM")).split()[1])
+    return float(lines[0].split()[0]), hwm_kib / 1024
 
 
 def main() -> None:
@@ -121,10 +134,14 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["nifti", "hdf5"], choices=["nifti", "hdf5"])
     parser.add_argument("--tmp", default=None, help="scratch folder (default: system temp)")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
+    parser.add_argument(
+        "--root", default=None, help="keep the generated NSD tree here and reuse it if present"
+    )
     args = parser.parse_args()
     from fmrirecon.data.nsd import NsdPaths
 
     scratch = Path(tempfile.mkdtemp(prefix="bench_prepare_", dir=args.tmp))
+    root = Path(args.root) if args.root else scratch / "nsd"
     results: dict = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
@@ -133,11 +150,11 @@ def main() -> None:
         "formats": {},
     }
     try:
-        root = scratch / "nsd"
-        t = time.perf_counter()
-        generate(root, args.sessions, args.formats)
-        results["generate_s"] = round(time.perf_counter() - t, 1)
-        print(f"generated {args.sessions} sessions in {results['generate_s']} s", flush=True)
+        if not (root / "nsddata").is_dir():
+            t = time.perf_counter()
+            generate(root, args.sessions, args.formats)
+            results["generate_s"] = round(time.perf_counter() - t, 1)
+            print(f"generated {args.sessions} sessions in {results['generate_s']} s", flush=True)
         for fmt in args.formats:
             session_file = NsdPaths(root).betas(1, 1, fmt)
             entry: dict = {"file_mib": round(session_file.stat().st_size / 2**20, 1)}

@@ -756,7 +756,11 @@ def _load_volume(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_nifti_voxels(path: Path, voxel_ijk: np.ndarray) -> np.ndarray:
-    """(T, V) raw values; the file is decompressed once, into its own dtype (int16 for NSD, never float64)."""
+    """(T, V) raw values in the file's own dtype (int16 for NSD, never float64).
+
+    A ``.nii.gz`` is streamed a block of trials at a time and masked on the fly, so the whole (X, Y, Z, T)
+    volume (1 GB for an NSD session) is never held in memory; other files go through nibabel's array proxy.
+    """
     import nibabel as nib
 
     img = nib.load(str(path))
@@ -764,11 +768,43 @@ def _read_nifti_voxels(path: Path, voxel_ijk: np.ndarray) -> np.ndarray:
         raise DatasetLayoutError(f"{path} must be a 4-D (X, Y, Z, trials) volume, found shape {img.shape}")
     x, y, z, t = img.shape
     _check_ijk(path, voxel_ijk, (x, y, z))
-    data = np.asanyarray(img.dataobj)  # (X, Y, Z, T), Fortran-ordered from nibabel
-    # Fortran flat index i + X*(j + Y*k) addresses the (X*Y*Z, T) view without copying the volume.
+    # Fortran flat index i + X*(j + Y*k): the position of a voxel inside one trial's volume on disk.
     flat = voxel_ijk[:, 0] + x * (voxel_ijk[:, 1] + y * voxel_ijk[:, 2])
-    rows = data.reshape(x * y * z, t, order="F")[flat]  # (V, T)
-    return np.ascontiguousarray(rows.T)
+    proxy = img.dataobj
+    if not str(path).endswith(".gz") or getattr(proxy, "order", "F") != "F":
+        data = np.asanyarray(proxy)  # (X, Y, Z, T)
+        return np.ascontiguousarray(data.reshape(x * y * z, t, order="F")[flat].T)
+    out = np.empty((t, len(flat)), dtype=proxy.dtype)
+    _stream_gz_trials(path, proxy.offset, proxy.dtype, x * y * z, t, flat, out)
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    if slope != 1.0 or inter != 0.0:
+        return out * slope + inter
+    return out
+
+
+def _stream_gz_trials(
+    path: Path, offset: int, dtype: np.dtype, n_voxels: int, n_trials: int, flat: np.ndarray, out: np.ndarray
+) -> None:
+    """Fill ``out`` (T, V) from a gzipped NIfTI whose trials are stored one (X, Y, Z) volume after another."""
+    import gzip
+
+    block = max(1, (32 * 2**20) // max(1, n_voxels * dtype.itemsize))  # ~32 MB of trials per read
+    buffer = np.empty(n_voxels * block, dtype=dtype)
+    with gzip.open(path, "rb") as f:
+        f.seek(offset)
+        for start in range(0, n_trials, block):
+            count = min(block, n_trials - start)
+            view = memoryview(buffer[: n_voxels * count]).cast("B")
+            filled = 0
+            while filled < view.nbytes:
+                got = f.readinto(view[filled:])
+                if not got:
+                    raise DatasetLayoutError(
+                        f"{path} ends after {start + filled // (n_voxels * dtype.itemsize)} of {n_trials} "
+                        "trials (truncated file?)"
+                    )
+                filled += got
+            out[start : start + count] = buffer[: n_voxels * count].reshape(count, n_voxels)[:, flat]
 
 
 def _read_hdf5_voxels(path: Path, voxel_ijk: np.ndarray) -> np.ndarray:
