@@ -180,3 +180,15 @@ def test_roi_grid_mismatch_stops_prepare(tiny, tmp_path):
     ):
         prepare_nsd(root, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_image_size_resizes_the_copied_stimuli(tiny):
+    base, _, images, *_ = tiny
+    store = PreparedStore(prepare_nsd(base / "root", base / "store_px", image_size=6, progress=False))
+    assert store.image_shape == (6, 6, 3)
+    ids = store.subject(1).split_ids("test")[:2]
+    small = store.images(ids)
+    assert small.dtype == np.uint8 and small.shape == (2, 6, 6, 3)
+    # resizing keeps the mean colour of each image
+    np.testing.assert_allclose(small.mean((1, 2)), images[ids].mean((1, 2)), atol=12)
+    assert TrialDataset(store, 1, "test")[0]["image"].shape == (3, 6, 6)

@@ -50,6 +50,12 @@ def register(subparsers) -> None:
         default="error",
         help="NaN betas inside the ROI: stop with an error, or replace by 0 with a warning",
     )
+    nsd.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize the copied stimuli to this side (default: native)",
+    )
     nsd.add_argument("--force", action="store_true", help="rebuild an existing store")
     nsd.add_argument("--no-progress", action="store_true", help="hide progress bars")
     nsd.set_defaults(func=_nsd)
@@ -82,6 +88,7 @@ def _nsd(args) -> int:
         betas_format=args.betas_format,
         roi=args.roi,
         nan_policy=args.nan_policy,
+        image_size=args.image_size,
         force=args.force,
         progress=not args.no_progress,
     )

@@ -72,6 +72,7 @@ def prepare_nsd(
     betas_format: str = "nifti",
     roi: str = "nsdgeneral",
     nan_policy: str = "error",
+    image_size: int | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -83,6 +84,8 @@ def prepare_nsd(
     betas_format: read ``betas_sessionNN.nii.gz`` ('nifti') or ``.hdf5`` ('hdf5').
     roi: ROI file whose labels > 0 select the voxels (``nsdgeneral``).
     nan_policy: 'error' (default) raises on NaN betas in the mask; 'zero' zero-fills them with a warning.
+    image_size: resize the copied stimuli to this side (NSD's 425 px x ~37k seen images is ~20 GB per store);
+        default keeps the native size.
     force: rebuild even if ``out`` already holds an identical store (else re-running is a no-op).
     """
     from tqdm.auto import tqdm
@@ -94,6 +97,9 @@ def prepare_nsd(
     root, out = Path(root).expanduser(), Path(out).expanduser()
     reader = NsdReader(root)
     request = _request("nsd", root, subjects, n_sessions, betas_format, roi, nan_policy)
+    request["image_size"] = image_size
+    if image_size is not None and image_size < 1:
+        raise DatasetLayoutError(f"image_size must be >= 1, got {image_size}")
     if _existing_store_matches(out, request, force):
         logger.info("%s is already prepared with these settings; nothing to do (use --force to rebuild)", out)
         return out
@@ -137,7 +143,12 @@ def prepare_nsd(
             )
             seen_ids.update(ids.tolist())
         _write_stimuli(
-            reader, tmp / "stimuli.hdf5", np.array(sorted(seen_ids), dtype=np.int64), progress, tqdm
+            reader,
+            tmp / "stimuli.hdf5",
+            np.array(sorted(seen_ids), dtype=np.int64),
+            progress,
+            tqdm,
+            image_size,
         )
         manifest = {
             "format": STORE_FORMAT,
@@ -238,11 +249,22 @@ def _prepare_subject(
     return np.unique(trials["image_id_73k"])
 
 
-def _write_stimuli(reader: NsdReader, path: Path, ids_73k: np.ndarray, progress: bool, tqdm) -> None:
-    """Copy the seen images (in batches, memory bounded) and their captions into ``stimuli.hdf5``."""
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (n, H, W, 3) -> (n, size, size, 3) with PIL's antialiased bicubic filter."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
+
+
+def _write_stimuli(
+    reader: NsdReader, path: Path, ids_73k: np.ndarray, progress: bool, tqdm, image_size: int | None = None
+) -> None:
+    """Copy the seen images (batched, memory bounded, optionally resized) and captions into stimuli.hdf5."""
     import h5py
 
     n, height, width, channels = reader.image_shape()
+    if image_size is not None:
+        height = width = int(image_size)
     with h5py.File(path, "w") as f:
         f.create_dataset("ids_73k", data=ids_73k)
         images = f.create_dataset(
@@ -252,7 +274,8 @@ def _write_stimuli(reader: NsdReader, path: Path, ids_73k: np.ndarray, progress:
             chunks=(1, height, width, channels),
         )
         for start in tqdm(range(0, ids_73k.size, _IMAGE_BATCH), desc="stimuli", disable=not progress):
-            images[start : start + _IMAGE_BATCH] = reader.images(ids_73k[start : start + _IMAGE_BATCH])
+            batch = reader.images(ids_73k[start : start + _IMAGE_BATCH])
+            images[start : start + _IMAGE_BATCH] = batch if image_size is None else _resize(batch, image_size)
         captions = reader.captions(ids_73k, N_CAPTIONS)
         f.create_dataset(
             "captions",
