@@ -17,7 +17,15 @@ TINY = ["--subjects", "2", "--image-size", "16", "--shared", "10", "--unique", "
 
 
 @pytest.mark.parametrize(
-    "argv", [["world", "make"], ["prepare", "nsd"], ["prepare", "god"], ["world"], ["prepare"]]
+    "argv",
+    [
+        ["world", "make"],
+        ["world", "make-god"],
+        ["prepare", "nsd"],
+        ["prepare", "god"],
+        ["world"],
+        ["prepare"],
+    ],
 )
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -118,6 +118,8 @@ def god_world(tmp_path_factory):
 
 def test_synthetic_world_in_god_layout(god_world):
     _, root = god_world
+    with pytest.raises(DatasetLayoutError, match="--force"):
+        write_synthetic_god(root, n_subjects=1)
     data = read_god(subject_file(root, 2))
     assert (data.data_type == 1).sum() == 40 and (data.data_type == 2).sum() == 24
     assert data.rois["ROI_VC"].all() and data.rois["ROI_V1"].sum() > 0

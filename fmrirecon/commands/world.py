@@ -17,6 +17,13 @@ MAKE_DESCRIPTION = (
     "NSD's proportions. Re-running with the same settings does nothing; other settings need --force."
 )
 
+GOD_DESCRIPTION = (
+    "Write the synthetic world in the GOD (Horikawa & Kamitani 2017) bdpy BData layout: SubjectN.h5 with "
+    "/dataset and /metadata (VoxelData, ROI_V1 ... ROI_VC, voxel_x/y/z, DataType, Run, Block, stimulus_id), "
+    "imageID_training.csv / imageID_test.csv, and images.hdf5 (images and captions; not part of GOD). "
+    "Read it back with `fmrirecon prepare god`."
+)
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -52,6 +59,26 @@ def register(subparsers) -> None:
     make.add_argument("--force", action="store_true", help="replace an existing folder")
     make.add_argument("--no-progress", action="store_true", help="hide progress bars")
     make.set_defaults(func=_make)
+    god = actions.add_parser(
+        "make-god",
+        help="write the synthetic world as GOD BData files (SubjectN.h5) under --out",
+        description=GOD_DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    god.add_argument("--out", required=True, help="output folder")
+    god.add_argument("--subjects", type=int, default=2, help="number of simulated subjects")
+    god.add_argument("--train", type=int, default=200, help="training images, shown once (1200 in GOD)")
+    god.add_argument("--test", type=int, default=10, help="test images (50 in GOD)")
+    god.add_argument(
+        "--test-repeats", type=int, default=10, help="presentations of each test image (35 in GOD)"
+    )
+    god.add_argument("--run-length", type=int, default=50, help="samples per run")
+    god.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    god.add_argument("--seed", type=int, default=0, help="seed of the world and the subjects")
+    god.add_argument("--voxels", type=int, default=2000, help="visual-cortex voxels of subject 1")
+    god.add_argument("--force", action="store_true", help="replace an existing folder")
+    god.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    god.set_defaults(func=_make_god)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
@@ -77,4 +104,24 @@ def _make(args) -> int:
         progress=not args.no_progress,
     )
     print(f"synthetic world in NSD layout: {path}")
+    return 0
+
+
+def _make_god(args) -> int:
+    from fmrirecon.data.god import write_synthetic_god
+
+    path = write_synthetic_god(
+        args.out,
+        n_subjects=args.subjects,
+        n_train=args.train,
+        n_test=args.test,
+        test_repeats=args.test_repeats,
+        run_length=args.run_length,
+        image_size=args.image_size,
+        seed=args.seed,
+        n_voxels_base=args.voxels,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+    print(f"synthetic world in GOD layout: {path}")
     return 0

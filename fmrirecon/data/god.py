@@ -33,7 +33,7 @@ import numpy as np
 
 from fmrirecon.data.nsd import N_CAPTIONS, zscore_session
 from fmrirecon.data.store import STORE_FORMAT, STORE_VERSION, SUBJECT_FORMAT, subject_file_name
-from fmrirecon.errors import DatasetLayoutError, SubjectMismatchError
+from fmrirecon.errors import ConfigError, DatasetLayoutError, SubjectMismatchError
 from fmrirecon.io import atomic_path, library_versions, read_json, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ def write_synthetic_god(
     image_size: int = 64,
     seed: int = 0,
     n_voxels_base: int = 2000,
+    force: bool = False,
     progress: bool = True,
 ) -> Path:
     """Write the synthetic world as GOD BData files (``Subject1.h5`` ...), ``imageID_{training,test}.csv`` and
@@ -183,6 +184,12 @@ def write_synthetic_god(
     from fmrirecon.data.world import make_world
 
     out = Path(out).expanduser()
+    for name, value in (("n_subjects", n_subjects), ("n_train", n_train), ("n_test", n_test),
+                        ("test_repeats", test_repeats), ("run_length", run_length)):  # fmt: skip
+        if int(value) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise DatasetLayoutError(f"{out} exists and holds other data; pass --force to replace it")
     world = make_world(n_train + n_test, image_size=image_size, seed=seed)
     subjects = make_subjects(n_subjects, seed=seed, n_voxels_base=n_voxels_base)
     synset = SYNTHETIC_SYNSET_BASE + np.asarray(world.primary_category, dtype=np.int64)
