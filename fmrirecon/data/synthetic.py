@@ -130,7 +130,7 @@ def write_nsd_tree(
     subjects: objects with the ``SimulatedSubject`` interface (grid_shape, affine, voxel_ijk, roi_volume,
         roi_labels, brainmask_volume, measure); ``subjects[s-1]`` is subject s.
     outside_noise_psc: sd (percent signal change) of the noise betas of brain-mask voxels outside nsdgeneral.
-    rois: ROI names to write besides nsdgeneral (default: the subject's ``roi_names`` if it has them).
+    rois: ROI files to write besides nsdgeneral (default: every ROI of ``fmrirecon.data.brain.ROI_LABELS``).
     """
     from tqdm.auto import tqdm
 
