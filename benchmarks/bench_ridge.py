@@ -29,6 +29,11 @@ from pathlib import Path
 import numpy as np
 
 FULL_TRIALS, FULL_VOXELS, FULL_TARGETS = 24_000, 15_724, 16_384
+SOLVER_LABELS = {
+    "auto": "himalaya RidgeCV / KernelRidgeCV (auto)",
+    "primal": "himalaya RidgeCV (SVD)",
+    "kernel": "himalaya KernelRidgeCV (eigh)",
+}
 
 
 def make_problem(n_train: int, n_test: int, n_voxels: int, n_targets: int, rank: int = 64, seed: int = 0):
@@ -92,6 +97,13 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-sklearn", action="store_true", help="time himalaya only")
     parser.add_argument("--backend", default="torch", help="himalaya backend (torch, numpy, torch_cuda)")
     parser.add_argument(
+        "--solvers",
+        nargs="+",
+        default=["auto"],
+        choices=sorted(SOLVER_LABELS),
+        help="fit_ridge_cv solvers to time (default: auto, the one fmrirecon uses)",
+    )
+    parser.add_argument(
         "--n-test", type=int, default=500, help="held-out trials for the prediction comparison"
     )
     parser.add_argument("--results", type=Path, default=None, help="append a markdown section to this file")
@@ -114,24 +126,26 @@ def main(argv=None) -> int:
     print(f"data generated in {time.perf_counter() - t:.1f} s", flush=True)
 
     # warm-up: imports and backend initialisation are not part of the fit
-    fit_ridge_cv(X[:50, :20], Y[:50, :3], alphas, cv=args.cv, backend=args.backend)
+    for solver in args.solvers:
+        fit_ridge_cv(X[:50, :20], Y[:50, :3], alphas, cv=args.cv, backend=args.backend, solver=solver)
     import sklearn.linear_model  # noqa: F401
-
-    t, c = time.perf_counter(), time.process_time()
-    fit = fit_ridge_cv(X, Y, alphas, cv=args.cv, backend=args.backend, seed=0)
-    t_himalaya, c_himalaya = time.perf_counter() - t, time.process_time() - c
-    solver = "primal (SVD)" if n_train >= n_voxels else "kernel (eigh)"
-    print(f"himalaya ({args.backend}, {solver}): {t_himalaya:.1f} s", flush=True)
-    pred_h = fit.predict(X_test)
-    r_h = float(np.mean([np.corrcoef(pred_h[:, j], Y_test[:, j])[0, 1] for j in range(0, args.targets, 64)]))
 
     rows = {
         "sizes": f"{n_train} trials x {n_voxels} voxels -> {args.targets} targets (scale {args.scale}), "
         f"{args.alphas} alphas, {args.cv}-fold CV, float32; {args.n_test} held-out trials",
-        "himalaya": f"{t_himalaya:.1f} s wall, {c_himalaya:.1f} s CPU (backend {args.backend}, "
-        f"solver {solver}, alpha per target)",
-        "held-out r (himalaya)": f"{r_h:.3f} (mean over every 64th target)",
     }
+    fits, timings = {}, {}
+    for solver in args.solvers:
+        t, c = time.perf_counter(), time.process_time()
+        fits[solver] = fit_ridge_cv(X, Y, alphas, cv=args.cv, backend=args.backend, solver=solver, seed=0)
+        timings[solver] = (time.perf_counter() - t, time.process_time() - c)
+        label = f"{SOLVER_LABELS[solver]}, backend {args.backend}"
+        print(f"{label}: {timings[solver][0]:.1f} s wall, {timings[solver][1]:.1f} s CPU", flush=True)
+        rows[label] = f"{timings[solver][0]:.1f} s wall, {timings[solver][1]:.1f} s CPU (alpha per target)"
+    first = fits[args.solvers[0]]
+    pred_h = first.predict(X_test)
+    r_h = float(np.mean([np.corrcoef(pred_h[:, j], Y_test[:, j])[0, 1] for j in range(0, args.targets, 64)]))
+    rows["held-out r"] = f"{r_h:.3f} (mean over every 64th target)"
     if not args.skip_sklearn:
         folds = args.cv if args.sklearn_folds is None else min(args.sklearn_folds, args.cv)
         best, predict, times = sklearn_search(X, Y, alphas, args.cv, folds)
@@ -142,26 +156,24 @@ def main(argv=None) -> int:
             if folds == args.cv
             else f"extrapolated: {folds} of {args.cv} folds timed, x{args.cv / folds:g}"
         )
-        print(
-            f"sklearn: search {times['search']:.1f} s over {folds} fold(s), refit {times['refit']:.1f} s -> "
-            f"{t_sklearn:.1f} s ({how})",
-            flush=True,
+        print(f"sklearn: {t_sklearn:.1f} s wall, {c_sklearn:.1f} s CPU ({how})", flush=True)
+        rows["scikit-learn, Ridge per alpha and fold"] = (
+            f"{t_sklearn:.1f} s wall, {c_sklearn:.1f} s CPU ({how}; search {times['search']:.1f} s over "
+            f"{folds} fold(s), refit per chosen alpha {times['refit']:.1f} s)"
         )
-        rows["scikit-learn"] = (
-            f"{t_sklearn:.1f} s wall, {c_sklearn:.1f} s CPU ({how}; search {times['search']:.1f} s, "
-            f"refit per chosen alpha {times['refit']:.1f} s)"
-        )
-        rows["speed-up"] = f"{t_sklearn / t_himalaya:.1f}x wall, {c_sklearn / c_himalaya:.1f}x CPU"
+        for solver, (wall, cpu) in timings.items():
+            rows[f"speed-up of {solver}"] = f"{t_sklearn / wall:.1f}x wall, {c_sklearn / cpu:.1f}x CPU"
         if best is not None:
-            agree = float(np.mean(np.isclose(best, fit.best_alphas, rtol=1e-4)))
             pred_s = predict(X_test)
-            diff = float(np.abs(pred_s - pred_h).max())
-            rows["chosen alphas"] = (
-                f"same alpha for {agree:.2%} of targets; himalaya's choices: "
-                + ", ".join(f"{a:.3g}: {n}" for a, n in zip(*np.unique(fit.best_alphas, return_counts=True)))
-            )
-            rows["max prediction difference"] = (
-                f"{diff:.2e} (held-out predictions; their std is {float(pred_h.std()):.3f})"
+            for solver, fit in fits.items():
+                agree = float(np.mean(np.isclose(best, fit.best_alphas, rtol=1e-4)))
+                diff = float(np.abs(pred_s - fit.predict(X_test)).max())
+                rows[f"{solver} vs scikit-learn"] = (
+                    f"same alpha for {agree:.2%} of targets; max held-out prediction difference {diff:.2e} "
+                    f"(prediction std {float(pred_s.std()):.3f})"
+                )
+            rows["chosen alphas (scikit-learn)"] = ", ".join(
+                f"{a:.3g}: {n}" for a, n in zip(*np.unique(best, return_counts=True))
             )
     machine = (
         f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} logical CPUs, torch threads "

@@ -117,8 +117,6 @@ def fit_ridge_cv(
     Returns:
         a :class:`RidgeFit`.
     """
-    from himalaya.kernel_ridge import KernelRidgeCV
-    from himalaya.ridge import RidgeCV
     from sklearn.model_selection import KFold
 
     betas = np.asarray(betas, dtype=np.float32)
@@ -139,24 +137,7 @@ def fit_ridge_cv(
     folds = KFold(n_splits=cv, shuffle=True, random_state=seed)
     if solver == "auto":
         solver = "primal" if X.shape[0] >= X.shape[1] else "kernel"
-    params = {
-        "local_alpha": local_alpha,
-        "n_targets_batch": n_targets_batch,
-        "n_targets_batch_refit": n_targets_batch,
-    }
-    with _himalaya_backend(backend) as bk:
-        if solver == "primal":
-            model = RidgeCV(alphas=alphas, solver="svd", solver_params=params, cv=folds)
-            model.fit(X, Y)
-            coef = bk.to_numpy(model.coef_)
-        else:
-            model = KernelRidgeCV(
-                alphas=alphas, kernel="linear", solver="eigenvalues", solver_params=params, cv=folds
-            )
-            model.fit(X, Y)
-            coef = bk.to_numpy(model.get_primal_coef())
-        best = bk.to_numpy(model.best_alphas_).astype(np.float32)
-        scores = bk.to_numpy(model.cv_scores_).astype(np.float32)
+    best, coef, scores = _fit_himalaya(X, Y, alphas, folds, solver, backend, local_alpha, n_targets_batch)
     coef = np.ascontiguousarray(coef, dtype=np.float32)
     # in-sample prediction statistics, a chunk of targets at a time (N x T predictions can be GBs at NSD size)
     pred_mean = np.empty(coef.shape[1], dtype=np.float32)
@@ -175,3 +156,29 @@ def fit_ridge_cv(
         pred_mean=(pred_mean + y_mean).astype(np.float32),
         pred_std=pred_std,
     )
+
+
+def _fit_himalaya(X, Y, alphas, folds, solver, backend, local_alpha, n_targets_batch):
+    """himalaya's RidgeCV (SVD of X per fold) or KernelRidgeCV (eigendecomposition of X Xᵀ per fold)."""
+    from himalaya.kernel_ridge import KernelRidgeCV
+    from himalaya.ridge import RidgeCV
+
+    params = {
+        "local_alpha": local_alpha,
+        "n_targets_batch": n_targets_batch,
+        "n_targets_batch_refit": n_targets_batch,
+    }
+    with _himalaya_backend(backend) as bk:
+        if solver == "primal":
+            model = RidgeCV(alphas=alphas, solver="svd", solver_params=params, cv=folds)
+            model.fit(X, Y)
+            coef = bk.to_numpy(model.coef_)
+        else:
+            model = KernelRidgeCV(
+                alphas=alphas, kernel="linear", solver="eigenvalues", solver_params=params, cv=folds
+            )
+            model.fit(X, Y)
+            coef = bk.to_numpy(model.get_primal_coef())
+        best = np.broadcast_to(bk.to_numpy(model.best_alphas_), (Y.shape[1],)).astype(np.float32)
+        scores = bk.to_numpy(model.cv_scores_).astype(np.float32)
+    return best, coef, scores
