@@ -252,7 +252,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--weights-dir", type=Path, default=None, help="world weights folder (default: shipped)"
     )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     results = load_results(out)
