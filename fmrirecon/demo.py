@@ -25,7 +25,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,19 @@ PROFILES: dict[str, DemoProfile] = {
         config_files=("world.yaml", "world_quick.yaml"),
     ),
 }
+
+
+def with_overrides(profile: DemoProfile, overrides: Sequence[str]) -> DemoProfile:
+    """Add ``METHOD.key=value`` overrides (user's, applied last) to the profile's per-method overrides."""
+    per_method = {name: list(items) for name, items in profile.method_overrides.items()}
+    for item in overrides:
+        method, dot, rest = item.partition(".")
+        if not dot or "=" not in rest or "=" in method:
+            raise ConfigError(
+                f"demo override must look like METHOD.key=value (e.g. ridge.num_steps=10), got {item!r}"
+            )
+        per_method.setdefault(method, []).append(rest)
+    return replace(profile, method_overrides={name: tuple(items) for name, items in per_method.items()})
 
 
 def choose_world(home: Path, profile: DemoProfile) -> WorldSpec:
@@ -352,6 +365,7 @@ def run_demo(
     data: str | os.PathLike | None = None,
     methods: Sequence[str] | None = None,
     seed: int = 0,
+    overrides: Sequence[str] = (),
     stages: DemoStages | None = None,
     echo: Callable[[str], None] = print,
 ) -> DemoResult:
@@ -365,13 +379,15 @@ def run_demo(
             ``world_quick/`` unless ``store/`` exists. Default :func:`data_home`.
         methods: method names to run; default every registered method.
         seed: one seed for the world, training and sampling (same seed → same outputs).
+        overrides: ``METHOD.key=value`` config overrides applied after the profile's, e.g.
+            ``"neuraldiffuser.finetune_train.epochs=2"``.
         stages: replacements for the layer calls (tests).
         echo: where per-stage progress messages go.
     """
     from fmrirecon.report import build_report
 
     stages = stages or DemoStages()
-    profile = PROFILES["quick" if quick else "default"]
+    profile = with_overrides(PROFILES["quick" if quick else "default"], overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     home = data_home(data)

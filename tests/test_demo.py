@@ -20,6 +20,7 @@ from fmrirecon.demo import (
     choose_world,
     resolve_method,
     run_demo,
+    with_overrides,
 )
 from fmrirecon.errors import ConfigError
 from fmrirecon.evaluation.metrics import pixcorr
@@ -348,8 +349,11 @@ def test_method_config_layers_world_then_quick_yaml_then_overrides():
     assert method_config(nd, PROFILES["default"]) == world
     quick = method_config(nd, PROFILES["quick"])
     assert quick.hidden_dim == read_yaml(configs / "world_quick.yaml")["hidden_dim"] != world.hidden_dim
-    profile = replace(PROFILES["quick"], method_overrides={"neuraldiffuser": ("num_steps=3",)})
+    profile = with_overrides(PROFILES["quick"], ["neuraldiffuser.num_steps=3", "ridge.num_steps=4"])
+    assert profile.method_overrides == {"neuraldiffuser": ("num_steps=3",), "ridge": ("num_steps=4",)}
     assert method_config(nd, profile).num_steps == 3
+    with pytest.raises(ConfigError, match="METHOD.key=value"):
+        with_overrides(profile, ["num_steps=3"])
     with pytest.raises(ConfigError, match="no_such_key"):
         method_config(nd, replace(profile, method_overrides={"neuraldiffuser": ("no_such_key=1",)}))
 
@@ -378,7 +382,11 @@ def test_cli_arguments_reach_run_demo(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(demo_module, "run_demo", fake_run_demo)
     code = main(["demo", "--quick", "--out", str(tmp_path / "o"), "--methods", "ridge", "--seed", "5"])
     assert code == 0
-    assert seen == {"out": tmp_path / "o", "quick": True, "data": None, "methods": ["ridge"], "seed": 5}
+    assert seen == {
+        "out": tmp_path / "o", "quick": True, "data": None, "methods": ["ridge"], "seed": 5, "overrides": [],
+    }  # fmt: skip
+    main(["demo", "--out", str(tmp_path / "o"), "--set", "ridge.num_steps=3", "--set", "ridge.strength=0.5"])
+    assert seen["overrides"] == ["ridge.num_steps=3", "ridge.strength=0.5"]
     assert str((tmp_path / "o" / "report.html").resolve()) in capsys.readouterr().out
 
 

@@ -29,13 +29,24 @@ def register(subparsers) -> None:
         help="only these methods (default: all registered)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for world, training and sampling")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
+        help="config override for one method, e.g. --set ridge.num_steps=10 (repeatable)",
+    )  # fmt: skip
     parser.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     from fmrirecon.demo import run_demo
 
-    result = run_demo(args.out, quick=args.quick, data=args.data, methods=args.methods, seed=args.seed)
+    result = run_demo(
+        args.out,
+        quick=args.quick,
+        data=args.data,
+        methods=args.methods,
+        seed=args.seed,
+        overrides=args.overrides,
+    )
     print(f"report: {result.report.resolve()}")
     print(f"metrics: {result.metrics.resolve()}")
     for item in result.skipped:
