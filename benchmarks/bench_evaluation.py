@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -83,11 +84,23 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument(
+        "--networks", nargs="+", default=None, help="subset of the preset's networks (default: all five)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     preset = get_preset("mindeye")
+    if args.networks:
+        unknown = set(args.networks) - set(preset.networks)
+        if unknown:
+            parser.error(f"unknown networks {sorted(unknown)}; the preset has {sorted(preset.networks)}")
+        preset = dataclasses.replace(
+            preset,
+            networks={k: v for k, v in preset.networks.items() if k in args.networks},
+            feature_metrics=tuple(m for m in preset.feature_metrics if m.network in args.networks),
+        )
     extractors = {
         net: load_extractor(net, preset.nodes(net), random_weights_for_testing=True)
         for net in preset.networks
@@ -125,6 +138,7 @@ def main() -> None:
     bare = bare_forward_seconds(extractors, preset, 2 * args.n, args.batch_size)
     figures = {
         "n_pairs": args.n,
+        "networks": sorted(extractors),
         "image_size": args.size,
         "batch_size": args.batch_size,
         "torch_threads": torch.get_num_threads(),

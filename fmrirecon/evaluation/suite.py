@@ -37,13 +37,13 @@ def _higher_is_better(key: str) -> bool:
     return key not in ("effnet", "swav", "fid")
 
 
-def _chance(key: str, preset: Preset, pool_size: int | None) -> float | None:
+def _chance(key: str, pool_size: int | None) -> float | None:
     """Chance level of a metric (None where no fixed chance level exists)."""
-    if key in ("pixcorr",) or key.startswith("brain_corr_"):
+    if key == "pixcorr" or key.startswith("brain_corr_"):
         return 0.0
     if key in ("alexnet2", "alexnet5", "inception", "clip"):
         return 0.5
-    if key.startswith(("nway_class_", "nway_")):
+    if key.startswith("nway_"):  # nway_<n> and nway_class_<n>
         return 1.0 / int(key.rsplit("_", 1)[1])
     if key.startswith("retrieval_"):
         return 1.0 / pool_size if pool_size else None
@@ -473,7 +473,7 @@ def evaluate_reconstructions(
             "device": device,
             "samples": "metrics = mean over all samples and images; best_of_k = per-image best over samples, "
             "averaged over images (per-image metrics only)",
-            "chance": {key: _chance(key, preset, pool_size) for key in keys},
+            "chance": {key: _chance(key, pool_size) for key in keys},
             "higher_is_better": {key: _higher_is_better(key) for key in keys},
             "unavailable": unavailable,
         }
