@@ -1,4 +1,4 @@
-"""`fmrirecon train` / `fmrirecon reconstruct` end to end on a tiny store with a tiny random backbone folder."""
+"""`fmrirecon train` / `fmrirecon reconstruct` end to end on a tiny store and a tiny random backbone."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
     run = root / "run"
     argv = ["train", "ridge", "--data", str(store), "--subject", "1", "--out", str(run), "--seed", "2"]
     assert main(argv + overrides) == 0
-    return {"root": root, "store": store, "other": other_store, "run": run, "argv": argv, "overrides": overrides}
+    return dict(root=root, store=store, other=other_store, run=run, argv=argv, overrides=overrides)
 
 
 def test_train_writes_resolved_config_and_run_provenance(setup):
@@ -50,7 +50,8 @@ def test_reconstruct_writes_the_recon_folder_deterministically(setup):
         assert main(argv + ["--samples", "2", "--limit", "3", "--seed", "5"]) == 0
     manifest = json.loads((outs[0] / "manifest.json").read_text())
     assert manifest["method"] == "ridge" and manifest["subject"] == 1 and manifest["variant"] == "img2img"
-    assert manifest["samples"] == 2 and len(manifest["ids"]) == 3 and manifest["ids"] == sorted(manifest["ids"])
+    assert manifest["samples"] == 2 and len(manifest["ids"]) == 3
+    assert manifest["ids"] == sorted(manifest["ids"])
     names = sorted(p.name for p in (outs[0] / "images").iterdir())
     assert names == sorted(f"{i}_{k}.png" for i in manifest["ids"] for k in range(2))
     for name in names:
