@@ -87,12 +87,20 @@ def fit(name: str, store, subject: int, run_dir: Path, overrides=(), seed: int =
     from fmrirecon.methods.base import init_run_dir
 
     cls, config = method_config(name, overrides)
+
+    def attach(method):
+        # Share one set of loaded backbones (NeuralDiffuser: LDM + CLIP; ridge: the LDM).
+        if backbones is not None:
+            if name == "ridge":
+                method._backbone = backbones[0]
+            else:
+                method._backbones = backbones
+        return method
+
     if (run_dir / "done.json").is_file():
-        return cls.load(run_dir), 0.0
+        return attach(cls.load(run_dir)), 0.0
     init_run_dir(run_dir, method=name, config=config, subject=subject, store_path=store.path, seed=seed)
-    method = cls(config)
-    if backbones is not None:
-        method._backbones = backbones
+    method = attach(cls(config))
     t0 = time.perf_counter()
     method.fit(store, subject, run_dir, seed=seed)
     seconds = time.perf_counter() - t0
@@ -296,7 +304,9 @@ def main(argv=None) -> int:
         ids, betas, truths = test_set(store, subject, args.n_test)
 
         if "metrics" in args.only:
-            ridge, ridge_seconds = fit("ridge", store, subject, out / "runs" / f"ridge_{key}")
+            ridge, ridge_seconds = fit(
+                "ridge", store, subject, out / "runs" / f"ridge_{key}", backbones=(ld, clip)
+            )
             res["fit_seconds"]["ridge"] = ridge_seconds or res["fit_seconds"].get("ridge", 0.0)
             rows = {}
             for variant in ("guided", "unguided"):
