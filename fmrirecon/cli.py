@@ -21,7 +21,9 @@ COMMANDS = ("demo", "world", "prepare", "backbones", "train", "reconstruct", "ev
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fmrirecon",
-        description="Reconstruct seen images from fMRI (NeuroPictor, Mind Reader, CnD, NeuralDiffuser, ridge).",
+        description=(
+            "Reconstruct seen images from fMRI (NeuroPictor, Mind Reader, CnD, NeuralDiffuser, ridge)."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"fmrirecon {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")

@@ -20,8 +20,21 @@ from typing import Any
 import numpy as np
 
 TRACKED_PACKAGES = (
-    "fmrirecon", "torch", "torchvision", "diffusers", "transformers", "accelerate", "safetensors", "numpy",
-    "scipy", "scikit-learn", "scikit-image", "himalaya", "h5py", "nibabel", "pillow",
+    "fmrirecon",
+    "torch",
+    "torchvision",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "safetensors",
+    "numpy",
+    "scipy",
+    "scikit-learn",
+    "scikit-image",
+    "himalaya",
+    "h5py",
+    "nibabel",
+    "pillow",
 )
 
 
@@ -73,7 +86,9 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
-def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata_: dict[str, str] | None = None) -> None:
+def save_safetensors_atomic(
+    tensors: dict, path: str | os.PathLike, metadata_: dict[str, str] | None = None
+) -> None:
     """Save a flat ``{name: torch.Tensor}`` dict as safetensors, atomically."""
     from safetensors.torch import save_file
 
