@@ -31,13 +31,17 @@ def _flatten_pair(a: np.ndarray, b: np.ndarray, what: str) -> tuple[np.ndarray, 
     return a, b
 
 
-def _row_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r between row i of ``a`` and row i of ``b``; a, b: (N, D) -> (N,)."""
-    a = a.astype(np.float64) - a.mean(axis=1, keepdims=True, dtype=np.float64)
-    b = b.astype(np.float64) - b.mean(axis=1, keepdims=True, dtype=np.float64)
-    denom = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (a * b).sum(axis=1) / denom
+def _row_pearson(a: np.ndarray, b: np.ndarray, chunk_size: int = 64) -> np.ndarray:
+    """Pearson r between row i of ``a`` and row i of ``b``; a, b: (N, D) -> (N,).
+
+    Rows are converted to float64 ``chunk_size`` at a time, so memory stays bounded for large D.
+    """
+    out = np.empty(len(a))
+    for start in range(0, len(a), chunk_size):
+        a_c = _centred_unit_rows(a[start : start + chunk_size])
+        b_c = _centred_unit_rows(b[start : start + chunk_size])
+        out[start : start + len(a_c)] = (a_c * b_c).sum(axis=1)
+    return out
 
 
 def pixcorr(recons: np.ndarray, truths: np.ndarray) -> np.ndarray:
