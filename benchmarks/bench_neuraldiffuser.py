@@ -255,6 +255,9 @@ def main(argv=None) -> int:
     parser.add_argument("--n-test", type=int, default=None, help="first n test images (default: all)")
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--sweep-images", type=int, default=24)
+    parser.add_argument(
+        "--sweep-kappas", type=float, nargs="+", default=[3e3, 3e4, 3e5], help="κ grid at η = 1"
+    )
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--overrides", nargs="*", default=[], help="dotted overrides of world.yaml")
     parser.add_argument(
@@ -323,12 +326,8 @@ def main(argv=None) -> int:
 
         if "sweep" in args.only:
             m = args.sweep_images
-            grid = (
-                [(0.0, 0.0)]
-                + [(k, 1.0) for k in (3e3, 3e4, 3e5)]
-                + [(3e5, e) for e in (0.8, 0.6, 0.4, 0.2, 0.1)]
-                + [(3e6, 1.0)]
-            )
+            kappas = args.sweep_kappas
+            grid = [(0.0, 0.0)] + [(k, 1.0) for k in kappas] + [(kappas[-1], e) for e in (0.6, 0.2)]
             sweep = []
             for kappa, eta in grid:
                 recons = nd.reconstruct(
