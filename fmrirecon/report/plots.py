@@ -38,8 +38,13 @@ def loss_plot_png(logs: list[LossLog], title: str, dpi: int = 80) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(logs), figsize=(4.2 * len(logs), 3.0), squeeze=False, dpi=dpi)
-    for ax, log in zip(axes[0], logs, strict=True):
+    # At most two panels per row keeps each stage readable when a method has many (NeuralDiffuser: 4+).
+    ncols = min(len(logs), 2)
+    nrows = -(-len(logs) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False, dpi=dpi)
+    for ax in axes.flat[len(logs) :]:
+        ax.set_visible(False)
+    for ax, log in zip(axes.flat, logs, strict=False):
         all_positive = True
         for name, values in log.losses.items():
             finite = np.isfinite(values)
