@@ -8,7 +8,14 @@ import torch
 
 from fmrirecon.backbones.world import WEIGHTS_DIR
 from fmrirecon.backbones.world.tokenizer import build_word_tokenizer, words_of
-from fmrirecon.backbones.world.train import WorldTrainConfig, full_caption, train_clip, train_vae
+from fmrirecon.backbones.world.train import (
+    WorldTrainConfig,
+    full_caption,
+    train_clip,
+    train_clip_vision,
+    train_vae,
+    train_vae_decoder,
+)
 from fmrirecon.data.world import make_world
 
 SHIPPED = (WEIGHTS_DIR / "clip" / "config.json").is_file() and (WEIGHTS_DIR / "latent_diffusion").is_dir()
@@ -38,9 +45,17 @@ def test_full_caption_is_the_most_informative():
         assert all(obj.colour in full and obj.category in full for obj in spec.objects)
 
 
-def test_training_lowers_the_losses_and_resumes(tmp_path):
+def test_training_stages_learn_freeze_what_they_must_and_resume(tmp_path):
     world = make_world(48, seed=1000)
-    cfg = WorldTrainConfig(clip_steps=20, clip_batch=16, vae_steps=6, vae_batch=4, checkpoint_every=10)
+    cfg = WorldTrainConfig(
+        clip_steps=20,
+        clip_batch=16,
+        vae_steps=6,
+        vae_batch=4,
+        checkpoint_every=10,
+        clip_vision_steps=4,
+        vae_decoder_steps=3,
+    )
     torch.set_num_threads(1)
     clip = train_clip(cfg, world, tmp_path)
     history = (tmp_path / "clip.json").read_text()
@@ -54,10 +69,22 @@ def test_training_lowers_the_losses_and_resumes(tmp_path):
     # the trained pairs are already above chance: true caption ranks in the better half on average
     ranks = (sim > sim.diag()[:, None]).sum(1).float()
     assert ranks.mean() < 7.5
+    # stage 5 moves the image side only: the text transformer (the UNet's context) must stay bit-identical
+    text_before = {k: v.clone() for k, v in clip.model.text_model.state_dict().items()}
+    vision_before = {k: v.clone() for k, v in clip.model.vision_model.state_dict().items()}
+    train_clip_vision(cfg, world, clip, tmp_path)
+    assert all(torch.equal(v, text_before[k]) for k, v in clip.model.text_model.state_dict().items())
+    assert any(not torch.equal(v, vision_before[k]) for k, v in clip.model.vision_model.state_dict().items())
     vae = train_vae(cfg, world, tmp_path)
     assert vae.config.scaling_factor > 0
+    # stage 4 moves the decoder only: latents (the UNet's inputs) must stay bit-identical
+    with torch.no_grad():
+        latents_before = vae.encode(images[:4] * 2 - 1).latent_dist.mean
+    vae = train_vae_decoder(cfg, world, vae, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(vae.encode(images[:4] * 2 - 1).latent_dist.mean, latents_before)
     # resuming a finished stage does no step and returns the same weights
-    again = train_vae(cfg, world, tmp_path)
+    again = train_vae_decoder(cfg, world, train_vae(cfg, world, tmp_path), tmp_path)
     for a, b in zip(vae.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
 

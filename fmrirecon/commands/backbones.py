@@ -1,8 +1,9 @@
 """``fmrirecon backbones``: inspect backbones, train the world backbones, check their quality.
 
 fmrirecon backbones info [--sd HUB_ID_OR_DIR] [--clip HUB_ID_OR_DIR]   # sizes read from the configs
-fmrirecon backbones train-world [--stages clip,vae,unet] [--weights-dir DIR] [--work-dir DIR] [--set K=V ...]
-fmrirecon backbones check-world [--weights-dir DIR] [--n-generate 100] [--guidance-scale 4]
+fmrirecon backbones train-world [--stages clip,vae,unet,vae_decoder,clip_vision] [--weights-dir DIR]
+                                [--work-dir DIR] [--set KEY=VALUE ...]
+fmrirecon backbones check-world [--weights-dir DIR] [--n-generate 100] [--guidance-scale 4] [--out JSON]
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ def register(subparsers) -> None:
     info.set_defaults(func=_info)
 
     train = sub.add_parser("train-world", help="train the world CLIP, VAE and UNet on synthetic scenes")
-    train.add_argument("--stages", default="clip,vae,unet", help="comma-separated subset of clip,vae,unet")
+    train.add_argument(
+        "--stages",
+        default="clip,vae,unet,vae_decoder,clip_vision",
+        help="comma-separated subset of clip,vae,unet,vae_decoder,clip_vision",
+    )
     train.add_argument("--weights-dir", default=None, help="output weights folder (default: the package's)")
     train.add_argument(
         "--work-dir", default=None, help="checkpoints/logs (default: DATA_HOME/world-backbones)"

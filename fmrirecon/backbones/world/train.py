@@ -42,7 +42,7 @@ from fmrirecon.io import atomic_path, library_versions, save_safetensors_atomic,
 
 log = logging.getLogger(__name__)
 
-STAGES = ("clip", "vae", "unet")
+STAGES = ("clip", "vae", "unet", "vae_decoder", "clip_vision")
 
 
 @dataclass
@@ -59,8 +59,12 @@ class WorldTrainConfig:
     clip_steps: int = 1000
     clip_batch: int = 64
     clip_lr: float = 1e-3
+    clip_vision_steps: int = 800
+    clip_vision_lr: float = 3e-3
+    clip_vision_category_weight: float = 2.0
     # VAE
-    vae_steps: int = 800
+    vae_steps: int = 500
+    vae_decoder_steps: int = 1000
     vae_batch: int = 12
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
@@ -194,6 +198,73 @@ def train_clip(cfg: WorldTrainConfig, world, work_dir: Path):
     return clip
 
 
+def train_clip_vision(cfg: WorldTrainConfig, world, clip, work_dir: Path):
+    """Stage 5: sharpen the world CLIP's image side with its text transformer frozen.
+
+    Stage 1 learns colours, sizes and backgrounds first; object shape (the category) comes last. This stage
+    trains the vision tower and both projections (the text transformer, hence the UNet's context tokens, stays
+    fixed) with the same InfoNCE loss plus a prompt-classification term: cross-entropy of the image embedding
+    against the text embeddings of "a <category>" for the scene's primary category (CLIP's zero-shot
+    classifier, Radford et al. 2021 §3.1.2, used as a training target).
+    """
+    from fmrirecon.data.world import CATEGORIES
+
+    model = clip.model
+    model.requires_grad_(False)
+    trainable = [
+        *model.vision_model.parameters(),
+        *model.visual_projection.parameters(),
+        *model.text_projection.parameters(),
+        model.logit_scale,
+    ]
+    for p in trainable:
+        p.requires_grad_(True)
+    checkpoint = _Checkpoint(work_dir, "clip_vision")
+    start = checkpoint.load(model)
+    images = _images_tensor(world)
+    # frozen text transformer: pooled (EOS) states of every caption, computed once
+    captions = sorted({c for caps in world.captions for c in caps} | {f"a {c}" for c in CATEGORIES})
+    row = {c: i for i, c in enumerate(captions)}
+    with torch.no_grad():
+        pooled = torch.cat(
+            [
+                model.text_model(input_ids=clip.tokenize(captions[i : i + 512])).pooler_output
+                for i in range(0, len(captions), 512)
+            ]
+        )
+    prompts = torch.tensor([row[f"a {c}"] for c in CATEGORIES])
+    primary = torch.from_numpy(np.asarray(world.primary_category))
+    rng = np.random.default_rng(cfg.train_seed + 4 + start)
+    opt = torch.optim.AdamW(trainable, lr=cfg.clip_vision_lr, weight_decay=0.05)
+    model.vision_model.train()
+
+    def step_fn(step):
+        index = rng.choice(len(images), size=cfg.clip_batch, replace=False)
+        texts = _pick_captions(world, index, rng, cfg.full_caption_prob)
+        img = F.normalize(clip.image_embeds(images[index]), dim=-1)
+        txt = F.normalize(model.text_projection(pooled[[row[t] for t in texts]]), dim=-1)
+        scale = model.logit_scale.exp().clamp(max=100)
+        logits = scale * img @ txt.T
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
+        target = same / same.sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2
+        classifier = F.normalize(model.text_projection(pooled[prompts]), dim=-1)
+        loss = loss + cfg.clip_vision_category_weight * F.cross_entropy(
+            scale * img @ classifier.T, primary[index]
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    total = cfg.clip_vision_steps
+    _loop(
+        "clip_vision", total, start, step_fn, checkpoint, model, cfg.checkpoint_every, cfg.clip_vision_lr, opt
+    )
+    model.eval().requires_grad_(False)
+    return clip
+
+
 # ---------------------------------------------------------------------- stage 2: VAE
 def train_vae(cfg: WorldTrainConfig, world, work_dir: Path):
     """Autoencoder training; returns the ``AutoencoderKL`` with ``scaling_factor`` set from the data."""
@@ -229,6 +300,43 @@ def train_vae(cfg: WorldTrainConfig, world, work_dir: Path):
             [vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean for i in range(0, 2048, 256)]
         )
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae
+
+
+def train_vae_decoder(cfg: WorldTrainConfig, world, vae, work_dir: Path):
+    """Stage 4: fine-tune the VAE decoder with the encoder frozen.
+
+    The latents (and so the UNet trained on them and ``scaling_factor``) do not change, so this stage can run
+    after, or alongside, the UNet stage; it only sharpens the reconstructions.
+    """
+    images = _images_tensor(world)
+    vae.requires_grad_(False)
+    with torch.no_grad():
+        means = torch.cat(
+            [vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean for i in range(0, len(images), 256)]
+        )
+    trainable = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    checkpoint = _Checkpoint(work_dir, "vae_decoder")
+    start = checkpoint.load(vae)
+    rng = np.random.default_rng(cfg.train_seed + 3 + start)
+    opt = torch.optim.AdamW(trainable, lr=cfg.vae_lr / 2, weight_decay=0.0)
+    vae.decoder.train()
+
+    def step_fn(step):
+        index = rng.choice(len(images), size=cfg.vae_batch, replace=False)
+        x = images[index] * 2 - 1
+        recon = vae.decode(means[index]).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    total = cfg.vae_decoder_steps
+    _loop("vae_decoder", total, start, step_fn, checkpoint, vae, cfg.checkpoint_every, cfg.vae_lr / 2, opt)
+    vae.eval().requires_grad_(False)
     return vae
 
 
@@ -409,5 +517,18 @@ def train_world(cfg: WorldTrainConfig, weights_dir: Path, work_dir: Path, stages
         unet = train_unet(cfg, world, clip, vae, work_dir)
         save_world_weights(weights_dir, unet=unet)
         timings["unet_s"] = time.perf_counter() - t0
+    if "vae_decoder" in stages:
+        from diffusers import AutoencoderKL
+
+        t0 = time.perf_counter()
+        vae = AutoencoderKL.from_pretrained(weights_dir / "latent_diffusion" / "vae", local_files_only=True)
+        vae = train_vae_decoder(cfg, world, vae, work_dir)
+        save_world_weights(weights_dir, vae=vae)
+        timings["vae_decoder_s"] = time.perf_counter() - t0
+    if "clip_vision" in stages:
+        t0 = time.perf_counter()
+        clip = train_clip_vision(cfg, world, ClipEmbedder.from_pretrained(weights_dir / "clip"), work_dir)
+        save_world_weights(weights_dir, clip=clip)
+        timings["clip_vision_s"] = time.perf_counter() - t0
     write_json_atomic(work_dir / "timings.json", timings)
     return timings
