@@ -301,6 +301,9 @@ def main(argv=None) -> int:
             "neuraldiffuser", store, subject, out / "runs" / f"nd_{key}", args.overrides, backbones=(ld, clip)
         )
         nd._backbones = (ld, clip)
+        # Inference-only settings may be overridden on a trained run (κ, η, steps; not the decoders).
+        for name in ("guidance_scale", "guidance_strength", "num_steps", "strength", "cfg_scale"):
+            setattr(nd.config, name, getattr(world_cfg, name))
         res.setdefault("fit_seconds", {})["neuraldiffuser"] = (
             res.get("fit_seconds", {}).get("neuraldiffuser", nd_seconds) or nd_seconds
         )
@@ -340,7 +343,9 @@ def main(argv=None) -> int:
                 )
                 sweep.append({"kappa": kappa, "eta": eta} | image_metrics(recons, truths[:m], clip))
                 print(key, sweep[-1])
-            res["sweep"] = sweep
+            # Merge with earlier sweeps (other κ grids) by (κ, η).
+            merged = {(row["kappa"], row["eta"]): row for row in res.get("sweep", []) + sweep}
+            res["sweep"] = sorted(merged.values(), key=lambda row: (row["kappa"], -row["eta"]))
             save_results(out, results)
 
         if "consistency" in args.only:
