@@ -478,7 +478,8 @@ def check_world_backbones(
         "num_steps": num_steps,
         "gen_two_way_clip": float(two_way.mean()),
         "gen_category_zero_shot": float(zero_shot),
-        "caption_used": "full caption (longest of the 5: every object with size and colour, relation, "
+        "caption_used": "full caption (most size/colour words of the 5: every object with size and colour, "
+        "relation, "
         "background)",
     }
 
