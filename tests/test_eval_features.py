@@ -76,10 +76,10 @@ def test_random_weights_only_on_request_and_one_pass_gives_every_node():
 
 
 def test_torchvision_weights_load_from_a_foreign_pth_file(tmp_path):
-    from fmrirecon.evaluation._torchvision import import_torchvision
+    import torchvision
 
     torch.manual_seed(3)
-    model = import_torchvision().models.efficientnet_b1(weights=None).eval()
+    model = torchvision.models.efficientnet_b1(weights=None).eval()
     torch.save(model.state_dict(), tmp_path / "efficientnet_b1-c27df63c.pth")  # torchvision's file name
     loaded = load_extractor("efficientnet_b1", ["avgpool"], weights_dir=tmp_path)
     assert str(tmp_path) in loaded.weights
@@ -90,9 +90,9 @@ def test_torchvision_weights_load_from_a_foreign_pth_file(tmp_path):
 
 
 def test_swav_checkpoint_with_module_prefix_and_heads(tmp_path):
-    from fmrirecon.evaluation._torchvision import import_torchvision
+    import torchvision
 
-    backbone = import_torchvision().models.resnet50(weights=None)
+    backbone = torchvision.models.resnet50(weights=None)
     backbone.fc = torch.nn.Identity()
     state = {f"module.{k}": v for k, v in backbone.state_dict().items()}
     state["module.projection_head.0.weight"] = torch.zeros(4, 4)
