@@ -25,6 +25,18 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def tokenize_texts(tokenizer, texts: list[str] | str, context_length: int) -> torch.Tensor:
+    """Token ids ``(B, context_length)`` from a Hugging Face tokenizer, padded or truncated."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"texts must be a non-empty list of strings, got {texts!r:.80}")
+    tokens = tokenizer(
+        list(texts), padding="max_length", max_length=context_length, truncation=True, return_tensors="pt"
+    )
+    return tokens.input_ids
+
+
 class ClipEmbedder(torch.nn.Module):
     """A frozen CLIP dual encoder with its tokenizer and image preprocessing.
 
@@ -184,18 +196,7 @@ class ClipEmbedder(torch.nn.Module):
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: list[str] | str) -> torch.Tensor:
         """Token ids ``(B, L)`` padded/truncated to ``context_length``."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"texts must be a non-empty list of strings, got {texts!r:.80}")
-        tokens = self.tokenizer(
-            list(texts),
-            padding="max_length",
-            max_length=self.context_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return tokens.input_ids.to(self.device)
+        return tokenize_texts(self.tokenizer, texts, self.context_length).to(self.device)
 
     def text_embeds(self, texts: list[str] | str, *, normalize: bool = False) -> torch.Tensor:
         """Projected text embeddings ``(B, D)`` (EOS token through ``text_projection``)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from fmrirecon.backbones.clip import tokenize_texts
 from fmrirecon.errors import WeightsUnavailableError
 
 # diffusers' Stable Diffusion folder layout: component -> the file that must be there
@@ -205,18 +206,8 @@ class LatentDiffusion(torch.nn.Module):
     @torch.no_grad()
     def encode_text(self, texts: list[str] | str) -> torch.Tensor:
         """Text -> context ``(B, L, D)``: last hidden state after the final layer norm, as SD uses it."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"texts must be a non-empty list of strings, got {texts!r:.80}")
-        tokens = self.tokenizer(
-            list(texts),
-            padding="max_length",
-            max_length=self.context_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+        input_ids = tokenize_texts(self.tokenizer, texts, self.context_length)
+        return self.text_encoder(input_ids.to(self.device))[0]
 
     def empty_text_embedding(self) -> torch.Tensor:
         """The unconditional context: encoding of the empty string, ``(1, L, D)`` (cached per instance)."""
