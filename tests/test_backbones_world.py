@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from fmrirecon.backbones.world import WEIGHTS_DIR
@@ -17,8 +16,6 @@ from fmrirecon.backbones.world.train import (
     train_vae_decoder,
 )
 from fmrirecon.data.world import make_world
-
-SHIPPED = (WEIGHTS_DIR / "clip" / "config.json").is_file() and (WEIGHTS_DIR / "latent_diffusion").is_dir()
 
 
 def test_word_tokenizer_round_trips(tmp_path):
@@ -89,7 +86,6 @@ def test_training_stages_learn_freeze_what_they_must_and_resume(tmp_path):
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(not SHIPPED, reason="world weights not built yet (fmrirecon backbones train-world)")
 class TestShippedWeights:
     def test_loading_is_cached_offline_and_shares_the_text_tower(self, monkeypatch):
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
