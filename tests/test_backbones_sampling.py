@@ -171,3 +171,107 @@ def test_text_to_image_is_deterministic(ld):
     a = text_to_image(ld, ["a red cat"], num_steps=3, seed=4, progress=False)
     b = text_to_image(ld, ["a red cat"], num_steps=3, seed=4, progress=False)
     assert a.shape == (1, 3, ld.image_size, ld.image_size) and torch.equal(a, b)
+
+
+class _GradGuide:
+    """Gradient guidance on the decoded image (Algorithm 1's shape); ``reuse`` takes the sampler's graph."""
+
+    def __init__(self, ld, reuse: bool, steps: int = 3):
+        self.ld, self.reuse, self.steps = ld, reuse, steps
+        self.target = torch.zeros(2, 3, ld.image_size, ld.image_size)
+        self.graph_seen = []
+
+    def needs_graph(self, step_index):
+        return self.reuse and step_index < self.steps
+
+    def __call__(self, state: StepState):
+        if state.step_index >= self.steps:
+            return None
+        self.graph_seen.append(state.noise_pred_cond.requires_grad)
+        if self.reuse:
+            z, eps = state.latents, state.noise_pred_cond
+        else:
+            z = state.latents.detach().requires_grad_(True)
+            eps = state.predict_noise(z)
+        a = state.alpha_prod_t
+        loss = ((self.ld.decode_latents((z - (1 - a).sqrt() * eps) / a.sqrt()) - self.target) ** 2).sum()
+        (grad,) = torch.autograd.grad(loss, z)
+        return state.noise_pred + 5.0 * (1 - a).sqrt() * grad
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+@pytest.mark.parametrize("sag_scale", [0.0, 0.75])
+def test_reusing_the_conditional_graph_equals_a_second_unet_pass(ld, context, cfg, sag_scale):
+    """A hook that asks for the graph differentiates the step's own conditional pass: same result as
+    re-running the UNet with grad, one UNet pass fewer per guided step."""
+    kwargs = dict(uncond=ld.empty_text_embedding(), guidance_scale=cfg, sag_scale=sag_scale)
+    reuse, rerun = _GradGuide(ld, True), _GradGuide(ld, False)
+    a = sample(ld, context, step_hook=reuse, **kwargs)
+    b = sample(ld, context, step_hook=rerun, **kwargs)
+    assert reuse.graph_seen == [True] * 3 and rerun.graph_seen == [False] * 3
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(a, sample(ld, context, **kwargs))
+
+
+def _mid_attention(ld):
+    return ld.unet.mid_block.attentions[0].transformer_blocks[0].attn1
+
+
+def test_sag_attention_processor_matches_the_default_and_keeps_a_softmax_map(ld, context):
+    from fmrirecon.backbones.sampling import _AttentionMapProcessor
+
+    z = torch.randn(2, *ld.latent_shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor(400)
+    attn = _mid_attention(ld)
+    original = attn.processor
+    with torch.no_grad():
+        expected = ld.unet(z, t, encoder_hidden_states=context).sample
+        processor = _AttentionMapProcessor()
+        processor.keep = True
+        attn.set_processor(processor)
+        try:
+            got = ld.unet(z, t, encoder_hidden_states=context).sample
+        finally:
+            attn.set_processor(original)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    probs = processor.probs
+    assert probs.shape[0] == 2 * attn.heads and probs.shape[1] == probs.shape[2]
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:2]))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sag_degrades_only_the_salient_region(ld, prediction_type):
+    """Uniform attention → nothing salient → re-noising x̂0 with the branch's own noise gives z_t back;
+    every query on key 0 → only key 0's upsampled cell changes (Hong et al. 2023, SAG's masked blur)."""
+    from diffusers import DDIMScheduler
+
+    from fmrirecon.backbones.sampling import _SelfAttentionGuidance
+
+    scheduler = DDIMScheduler.from_config(ld.scheduler.config)
+    sag = _SelfAttentionGuidance(ld.unet, 0.75, prediction_type)
+    h = w = 2
+    sag.map_size = (h, w)
+    heads, b, c, size = _mid_attention(ld).heads, 1, ld.latent_shape[0], ld.latent_shape[-1]
+    g = torch.Generator().manual_seed(2)
+    z_t, out = torch.randn(b, c, size, size, generator=g), torch.randn(b, c, size, size, generator=g)
+    t = torch.tensor(500)
+    uniform = torch.full((b * heads, h * w, h * w), 1.0 / (h * w))
+    torch.testing.assert_close(sag.degraded_latents(z_t, out, uniform, scheduler, t), z_t)
+    focused = torch.zeros(b * heads, h * w, h * w)
+    focused[:, :, 0] = 1.0
+    changed = (sag.degraded_latents(z_t, out, focused, scheduler, t) - z_t).abs() > 1e-6
+    cell = torch.zeros(size, size, dtype=torch.bool)
+    cell[: size // h, : size // w] = True
+    assert changed[:, :, ~cell].sum() == 0 and changed[:, :, cell].float().mean() > 0.5
+
+
+def test_sag_changes_samples_deterministically_and_restores_the_unet(ld, context):
+    attn = _mid_attention(ld)
+    original = attn.processor
+    uncond = ld.empty_text_embedding()
+    plain = sample(ld, context, uncond=uncond, guidance_scale=4.0)
+    a = sample(ld, context, uncond=uncond, guidance_scale=4.0, sag_scale=0.75)
+    b = sample(ld, context, uncond=uncond, guidance_scale=4.0, sag_scale=0.75)
+    assert torch.equal(a, b) and not torch.allclose(a, plain)
+    assert attn.processor is original
+    assert not torch.allclose(sample(ld, context, sag_scale=0.75), sample(ld, context))

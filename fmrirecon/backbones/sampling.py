@@ -7,18 +7,26 @@ One loop serves every method:
   ``num_steps - int(num_steps * strength)`` from the initial latent noised to that timestep;
 - ControlNet-style additive UNet residuals with per-residual scales (Zhang et al. 2023; NeuroPictor's control
   scale alpha);
+- self-attention guidance (SAG, Hong et al. 2023, ICCV, §4): the unconditional branch's self-attention map
+  of the UNet mid block masks the salient regions of the predicted ``x̂0``; those regions are Gaussian-blurred,
+  re-noised to ``t`` with the branch's own noise prediction, predicted again, and the prediction is pushed
+  away from the blurred one: ``eps += s_sag * (eps_u - eps_u(blurred))`` (NeuralDiffuser's setup: 0.75);
 - a per-step hook that may replace the noise prediction (NeuralDiffuser feature guidance, its Algorithm 1).
 
-The UNet calls of the loop itself run without autograd; the hook runs with autograd enabled and gets
-:meth:`StepState.predict_noise` to re-run the UNet on latents that require grad.
+The UNet calls of the loop run without autograd, except on the steps where the hook asks for the graph
+(``hook.needs_graph(step_index)`` is true): there the conditional branch runs with autograd on latents that
+require grad, so a gradient-guidance hook differentiates the very prediction the step uses instead of running
+the UNet a second time. Other hooks get :meth:`StepState.predict_noise` to re-run the UNet with grad.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fmrirecon.backbones.diffusion import LatentDiffusion
@@ -33,9 +41,11 @@ class StepState:
     Attributes:
         step_index: 0-based index among the steps actually run (img2img skips the first ones).
         timestep: the scheduler timestep ``t`` (int tensor).
-        latents: ``z_t`` ``(B, C, h, w)``.
-        noise_pred: the (guided) prediction the DDIM step will use ``(B, C, h, w)``.
-        noise_pred_cond: the conditional branch's prediction.
+        latents: ``z_t`` ``(B, C, h, w)``; a leaf that requires grad on the steps where the hook asked for the
+            graph.
+        noise_pred: the (guided) prediction the DDIM step will use ``(B, C, h, w)``, detached.
+        noise_pred_cond: the conditional branch's prediction; differentiable w.r.t. ``latents`` on the steps
+            where the hook asked for the graph.
         noise_pred_uncond: the unconditional branch's prediction, or ``None`` without CFG.
         alpha_prod_t: ``alpha-bar_t`` (scalar tensor), for Tweedie estimates (NeuralDiffuser Eq. 11).
         context: the conditional context ``(B, L, D)``.
@@ -60,6 +70,103 @@ class StepState:
 StepHook = Callable[[StepState], torch.Tensor | None]
 
 
+def _hook_needs_graph(hook, step_index: int) -> bool:
+    needs = getattr(hook, "needs_graph", None)
+    return bool(needs(step_index)) if needs is not None else False
+
+
+class _AttentionMapProcessor:
+    """Self-attention processor that computes the softmax map explicitly and keeps it when asked.
+
+    Used on the UNet mid block's first self-attention for SAG. Same arithmetic as diffusers' plain
+    ``AttnProcessor`` on ``(B, L, C)`` hidden states (no group/spatial norm, which SD's transformer blocks
+    don't use).
+    """
+
+    def __init__(self):
+        self.keep = False
+        self.probs: torch.Tensor | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+            raise ValueError("SAG supports transformer-block self-attention on (B, L, C) hidden states only")
+        residual = hidden_states
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
+        if getattr(attn, "norm_q", None) is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        if self.keep:
+            self.probs = probs.detach()
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class _SelfAttentionGuidance:
+    """SAG (Hong et al. 2023) on one UNet: installs the map-keeping processor for the sampling run."""
+
+    def __init__(self, unet, scale: float, prediction_type: str):
+        if getattr(unet, "mid_block", None) is None or not getattr(unet.mid_block, "attentions", None):
+            raise ValueError("self-attention guidance needs a UNet whose mid block has attention")
+        self.scale = scale
+        self.prediction_type = prediction_type
+        self.mid_block = unet.mid_block
+        self.attn = unet.mid_block.attentions[0].transformer_blocks[0].attn1
+        self.processor = _AttentionMapProcessor()
+        self.map_size: tuple[int, int] | None = None
+
+    def __enter__(self):
+        self._previous = self.attn.processor
+        self.attn.set_processor(self.processor)
+
+        def record_size(module, args, output):
+            self.map_size = tuple(output.shape[-2:])
+
+        self._hook = self.mid_block.register_forward_hook(record_size)
+        return self
+
+    def __exit__(self, *exc):
+        self.attn.set_processor(self._previous)
+        self._hook.remove()
+        return False
+
+    def branch_maps(self, batch: int) -> torch.Tensor:
+        """The kept map of the first ``batch`` items of the last pass (the unconditional half under CFG)."""
+        return self.processor.probs[: batch * self.attn.heads]
+
+    def keep_maps(self, keep: bool) -> None:
+        self.processor.keep = keep
+        if not keep:
+            self.processor.probs = None
+
+    def degraded_latents(self, latents, model_out, probs, scheduler, t) -> torch.Tensor:
+        """Blur the attended regions of ``x̂0`` and re-noise to ``t`` (SAG's ``x̂_t``), from the branch's
+        prediction ``model_out`` ``(B, C, h, w)`` and its mid-block map ``probs`` ``(B·heads, L, L)``."""
+        from torchvision.transforms.functional import gaussian_blur
+
+        alpha_bar = scheduler.alphas_cumprod[int(t)].to(latents)
+        sigma = (1 - alpha_bar).sqrt()
+        if self.prediction_type == "v_prediction":
+            x0 = alpha_bar.sqrt() * latents - sigma * model_out
+            eps = alpha_bar.sqrt() * model_out + sigma * latents
+        else:
+            x0 = (latents - sigma * model_out) / alpha_bar.sqrt()
+            eps = model_out
+        b, c = latents.shape[:2]
+        h, w = self.map_size
+        # keys that receive more than the average total attention (each query's row sums to 1)
+        salient = probs.reshape(b, -1, h * w, h * w).mean(1).sum(1) > 1.0
+        mask = salient.reshape(b, 1, h, w).to(latents.dtype)
+        mask = F.interpolate(mask, size=latents.shape[-2:], mode="nearest").expand(-1, c, -1, -1)
+        blurred = gaussian_blur(x0, kernel_size=[9, 9], sigma=[1.0, 1.0])
+        degraded = blurred * mask + x0 * (1 - mask)
+        return scheduler.add_noise(degraded, eps, t.reshape(1))
+
+
 def ddim_sample(
     ld: LatentDiffusion,
     context: torch.Tensor,
@@ -76,6 +183,7 @@ def ddim_sample(
     generator: torch.Generator | None = None,
     progress: bool = True,
     eta: float = 0.0,
+    sag_scale: float = 0.0,
 ) -> torch.Tensor:
     """Sample latents with DDIM.
 
@@ -96,6 +204,8 @@ def ddim_sample(
         generator: seeds the initial noise (and the DDIM noise when ``eta > 0``).
         progress: show a progress bar.
         eta: DDIM stochasticity (0 = deterministic DDIM, the field's default).
+        sag_scale: self-attention guidance scale (0 = off; diffusers' SAG pipeline and NeuralDiffuser: 0.75).
+            Costs one more UNet pass per step on the unconditional branch.
     Returns:
         latents ``z_0`` ``(B, C, h, w)``.
     """
@@ -148,35 +258,66 @@ def ddim_sample(
             kwargs["mid_block_additional_residual"] = mid.repeat(n_copies, 1, 1, 1)
         return ld.unet(z, t, encoder_hidden_states=ctx, **kwargs).sample
 
-    for i, t in enumerate(tqdm(timesteps, desc="DDIM", disable=not progress, leave=False)):
-        with torch.no_grad():
-            if use_cfg:
-                eps_uncond, eps_cond = unet(torch.cat([latents, latents]), t, cond_and_uncond, 2).chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            else:
-                eps_uncond, eps_cond = None, unet(latents, t, context, 1)
-                eps = eps_cond
-        if step_hook is not None:
-            state = StepState(
-                step_index=i,
-                timestep=t,
-                latents=latents,
-                noise_pred=eps,
-                noise_pred_cond=eps_cond,
-                noise_pred_uncond=eps_uncond,
-                alpha_prod_t=scheduler.alphas_cumprod[int(t)].to(device),
-                context=context,
-                _predict=lambda z, t=t: unet(z, t, context, 1),
-            )
-            with torch.enable_grad():
-                replaced = step_hook(state)
-            if replaced is not None:
-                if replaced.shape != eps.shape:
-                    raise ValueError(
-                        f"step_hook returned {tuple(replaced.shape)}, expected {tuple(eps.shape)}"
-                    )
-                eps = replaced.detach()
-        latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
+    sag = None
+    if sag_scale:
+        prediction_type = ld.scheduler.config.get("prediction_type", "epsilon")
+        sag = _SelfAttentionGuidance(ld.unet, float(sag_scale), prediction_type)
+        sag_context = cond_and_uncond[:batch] if use_cfg else context
+    uncond_batch = cond_and_uncond[:batch] if use_cfg else None
+
+    with sag if sag is not None else contextlib.nullcontext():
+        for i, t in enumerate(tqdm(timesteps, desc="DDIM", disable=not progress, leave=False)):
+            graph = step_hook is not None and _hook_needs_graph(step_hook, i)
+            z_t = latents.detach().requires_grad_(True) if graph else latents
+            if sag is not None:
+                sag.keep_maps(True)
+            with torch.no_grad():
+                if use_cfg and not graph:
+                    eps_uncond, eps_cond = unet(torch.cat([latents, latents]), t, cond_and_uncond, 2).chunk(2)
+                elif use_cfg:
+                    eps_uncond = unet(latents, t, uncond_batch, 1)
+                else:
+                    eps_uncond = None
+                    if not graph:
+                        eps_cond = unet(latents, t, context, 1)
+            sag_probs = None
+            if graph:
+                if sag is not None and use_cfg:  # the map is the unconditional pass's, just run
+                    sag_probs = sag.branch_maps(batch)
+                    sag.keep_maps(False)
+                with torch.enable_grad():
+                    eps_cond = unet(z_t, t, context, 1)  # the graph the hook differentiates
+            if sag is not None:
+                sag_probs = sag.branch_maps(batch) if sag_probs is None else sag_probs
+                sag.keep_maps(False)
+            eps_c = eps_cond.detach()
+            eps = eps_uncond + guidance_scale * (eps_c - eps_uncond) if use_cfg else eps_c
+            if sag is not None:
+                branch = eps_uncond if use_cfg else eps_c
+                with torch.no_grad():
+                    degraded = sag.degraded_latents(latents, branch, sag_probs, scheduler, t)
+                    eps = eps + sag.scale * (branch - unet(degraded, t, sag_context, 1))
+            if step_hook is not None:
+                state = StepState(
+                    step_index=i,
+                    timestep=t,
+                    latents=z_t,
+                    noise_pred=eps,
+                    noise_pred_cond=eps_cond,
+                    noise_pred_uncond=eps_uncond,
+                    alpha_prod_t=scheduler.alphas_cumprod[int(t)].to(device),
+                    context=context,
+                    _predict=lambda z, t=t: unet(z, t, context, 1),
+                )
+                with torch.enable_grad():
+                    replaced = step_hook(state)
+                if replaced is not None:
+                    if replaced.shape != eps.shape:
+                        raise ValueError(
+                            f"step_hook returned {tuple(replaced.shape)}, expected {tuple(eps.shape)}"
+                        )
+                    eps = replaced.detach()
+            latents = scheduler.step(eps, t, latents.detach(), eta=eta, generator=generator).prev_sample
     return latents
 
 

@@ -87,6 +87,7 @@ class NeuralDiffuserMethodConfig:
     cfg_scale: float = 7.5
     guidance_scale: float = 300_000.0
     guidance_strength: float = 0.2
+    sag_scale: float = 0.75
     tweedie: Literal["paper", "code"] = "paper"
     clip_normalization: Literal["clip", "imagenet"] = "clip"
     layer_factors: tuple[float, ...] = PAPER_LAYER_FACTORS
@@ -297,6 +298,7 @@ class NeuralDiffuser(ReconMethod):
             cfg_scale=cfg.cfg_scale,
             guidance_scale=cfg.guidance_scale if variant == "guided" else 0.0,
             guidance_strength=cfg.guidance_strength,
+            sag_scale=cfg.sag_scale,
             tweedie=cfg.tweedie,
             clip_normalization=cfg.clip_normalization,
             layer_factors=tuple(cfg.layer_factors),

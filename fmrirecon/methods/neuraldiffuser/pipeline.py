@@ -9,11 +9,12 @@ steps that run, the feature-guidance correction of the noise prediction:
     L_g = κ · Σ_l w_l · MSE(f^l(D(ẑ_t)), ĝ^l)            (Eq. 14; w_l ∝ 1/‖ĝ^l‖ × layer factors, as the code)
     ε̂ = ε + √(1−ᾱ_t) · ∇_{z_t} L_g                     (Algorithm 1 line 8), then the DDIM step with ε̂.
 
-``ε`` for the Tweedie estimate is the conditional branch's prediction, recomputed with gradients so that
-``∇_{z_t}`` flows through the UNet, the VAE decoder ``D`` and the CLIP image encoder ``f``. The released
+``ε`` for the Tweedie estimate is the conditional branch's prediction; on guided steps the sampler runs that
+branch with autograd (:meth:`FeatureGuidance.needs_graph`), so ``∇_{z_t}`` flows through the UNet, the VAE
+decoder ``D`` and the CLIP image encoder ``f`` without a second UNet pass. The released
 code's variant of Eq. 11 (``(1−ᾱ_t)`` in place of ``√(1−ᾱ_t)``) and its ImageNet normalisation of CLIP
-inputs are options (``tweedie="code"``, ``clip_normalization="imagenet"``). Self-attention guidance (SAG 0.75
-in the paper's setup) is not implemented.
+inputs are options (``tweedie="code"``, ``clip_normalization="imagenet"``). Self-attention guidance (SAG, 0.75
+in the released code's setup) runs in the sampler on every step, guided or not (``sag_scale``).
 """
 
 from __future__ import annotations
@@ -100,11 +101,18 @@ class FeatureGuidance:
             total = total + weight.to(feat) * ((feat - target) ** 2).flatten(1).mean(1)
         return total
 
+    def needs_graph(self, step_index: int) -> bool:
+        """The sampler keeps the conditional branch's graph on the guided steps (no second UNet pass)."""
+        return step_index < self.guided_steps and self.guidance_scale != 0
+
     def __call__(self, state) -> torch.Tensor | None:
-        if state.step_index >= self.guided_steps or self.guidance_scale == 0:
+        if not self.needs_graph(state.step_index):
             return None
-        z_t = state.latents.detach().requires_grad_(True)
-        eps = state.predict_noise(z_t)  # conditional branch, differentiable w.r.t. z_t
+        if state.latents.requires_grad and state.noise_pred_cond.requires_grad:
+            z_t, eps = state.latents, state.noise_pred_cond  # the sampler's own conditional pass
+        else:
+            z_t = state.latents.detach().requires_grad_(True)
+            eps = state.predict_noise(z_t)  # conditional branch, differentiable w.r.t. z_t
         alpha_bar = state.alpha_prod_t.to(z_t)
         sigma = (1 - alpha_bar).sqrt()
         noise_coef = sigma if self.tweedie == "paper" else 1 - alpha_bar
@@ -125,6 +133,7 @@ class ReconstructionSettings:
         num_steps: DDIM steps over the full schedule (50). strength: img2img strength (0.75 → 37 steps run).
         cfg_scale: classifier-free guidance weight (7.5).
         guidance_scale: κ (300 000; 0 disables feature guidance). guidance_strength: η (0.2).
+        sag_scale: self-attention guidance on every step, both variants (released code: 0.75; 0 = off).
         tweedie, clip_normalization: the paper's formula and CLIP normalisation, or the released code's.
         layer_factors: per-layer weight factors of the guidance loss.
     """
@@ -134,6 +143,7 @@ class ReconstructionSettings:
     cfg_scale: float = 7.5
     guidance_scale: float = 300_000.0
     guidance_strength: float = 0.2
+    sag_scale: float = 0.75
     tweedie: Literal["paper", "code"] = "paper"
     clip_normalization: Literal["clip", "imagenet"] = "clip"
     layer_factors: tuple[float, ...] = PAPER_LAYER_FACTORS
@@ -222,6 +232,7 @@ def reconstruct_images(
             init_latents=start,
             strength=settings.strength,
             step_hook=hook,
+            sag_scale=settings.sag_scale,
             generator=torch.Generator().manual_seed(seed + i),
             progress=progress,
         )
