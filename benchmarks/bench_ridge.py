@@ -1,5 +1,9 @@
-"""Ridge alpha search: himalaya (one decomposition per fold serves all alphas) vs scikit-learn refitting
-``Ridge`` for every alpha and fold.
+"""Ridge alpha search: fmrirecon's ``fit_ridge_cv`` solvers vs scikit-learn refitting ``Ridge`` for every
+alpha and fold.
+
+Solvers: ``kfold_exact`` (the default, ``auto``: one ridge fit per alpha on all trials, held-out residuals by
+the deletion identity), ``primal`` / ``kernel`` (himalaya RidgeCV / KernelRidgeCV: one decomposition per fold
+serves all alphas).
 
 The NSD-sized problem is about 24,000 trials x 15,724 voxels (subj01 nsdgeneral) -> a 4x64x64 SD latent
 (16,384 targets), float32, 8 alphas, 5-fold CV, alpha chosen per target. ``--scale`` shrinks trials and
@@ -12,7 +16,7 @@ refit per distinct chosen alpha on its targets. With ``--sklearn-folds k < 5`` o
 timed, and the search time is extrapolated linearly to 5 folds (the report says so); chosen alphas and
 predictions are then compared only when all folds ran.
 
-    python benchmarks/bench_ridge.py --scale 0.125                       # full comparison, ~minutes
+    python benchmarks/bench_ridge.py --scale 0.125 --solvers kfold_exact primal   # full comparison, ~minutes
     python benchmarks/bench_ridge.py --scale 0.25 --sklearn-folds 1      # sklearn extrapolated from 1 fold
     python benchmarks/bench_ridge.py --scale 0.25 --results benchmarks/RESULTS.md
 """
@@ -30,7 +34,8 @@ import numpy as np
 
 FULL_TRIALS, FULL_VOXELS, FULL_TARGETS = 24_000, 15_724, 16_384
 SOLVER_LABELS = {
-    "auto": "himalaya RidgeCV / KernelRidgeCV (auto)",
+    "auto": "fmrirecon kfold_exact (auto)",
+    "kfold_exact": "fmrirecon kfold_exact (Cholesky per alpha + deletion identity, torch)",
     "primal": "himalaya RidgeCV (SVD)",
     "kernel": "himalaya KernelRidgeCV (eigh)",
 }
@@ -94,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--sklearn-folds", type=int, default=None, help="folds to run with sklearn (default all)"
     )
-    parser.add_argument("--skip-sklearn", action="store_true", help="time himalaya only")
+    parser.add_argument("--skip-sklearn", action="store_true", help="time fmrirecon's solvers only")
     parser.add_argument("--backend", default="torch", help="himalaya backend (torch, numpy, torch_cuda)")
     parser.add_argument(
         "--solvers",
@@ -139,7 +144,8 @@ def main(argv=None) -> int:
         t, c = time.perf_counter(), time.process_time()
         fits[solver] = fit_ridge_cv(X, Y, alphas, cv=args.cv, backend=args.backend, solver=solver, seed=0)
         timings[solver] = (time.perf_counter() - t, time.process_time() - c)
-        label = f"{SOLVER_LABELS[solver]}, backend {args.backend}"
+        backend = "" if solver in ("auto", "kfold_exact") else f", backend {args.backend}"
+        label = SOLVER_LABELS[solver] + backend
         print(f"{label}: {timings[solver][0]:.1f} s wall, {timings[solver][1]:.1f} s CPU", flush=True)
         rows[label] = f"{timings[solver][0]:.1f} s wall, {timings[solver][1]:.1f} s CPU (alpha per target)"
     first = fits[args.solvers[0]]

@@ -1,5 +1,6 @@
-"""Ridge baseline: the himalaya CV fit equals a brute-force scikit-learn search, a planted signal is decoded,
-save→load round trip, deterministic reconstruction, subject checks."""
+"""Ridge baseline: the exact K-fold search (deletion identity) equals explicit per-fold refits and himalaya,
+the CV fit equals a brute-force scikit-learn search, a planted signal is decoded, save→load round trip,
+deterministic reconstruction, subject checks."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold
 
@@ -17,6 +19,7 @@ from fmrirecon.errors import ConfigError, SubjectMismatchError
 from fmrirecon.methods import get_method
 from fmrirecon.methods.base import init_run_dir
 from fmrirecon.methods.ridge import RidgeConfig, RidgeMethod, fit_ridge_cv, restandardize
+from fmrirecon.methods.ridge.model import kfold_exact_ridge
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("square", "star", "triangle", "house")
@@ -105,27 +108,104 @@ def fitted(store, tiny_ld, tmp_path_factory):
     return method, run_dir
 
 
-@pytest.mark.parametrize("shape", [(90, 20), (20, 60)])  # primal (N > V) and kernel (N < V) solvers
-def test_fit_ridge_cv_matches_brute_force_sklearn_search(shape):
-    rng = np.random.default_rng(0)
-    n, p = shape
-    X = rng.standard_normal((n, p)).astype(np.float32)
-    Y = (
-        X[:, :5] @ rng.standard_normal((5, 6)) * np.array([3, 1, 0.3, 0.1, 0.03, 0.01])
-        + rng.standard_normal((n, 6))
-    ).astype(np.float32)
-    alphas = (0.1, 1.0, 10.0, 100.0, 1000.0, 1e4)
-    fit = fit_ridge_cv(X, Y, alphas, cv=5, seed=0)
+ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 1e4)
+
+
+def planted_problem(n: int, p: int, seed: int = 0):
+    """X (n, p), Y (n, 6) with a planted signal whose SNR falls over the 6 targets, so their alphas differ."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, p))
+    Y = X[:, :5] @ rng.standard_normal((5, 6)) * [3, 1, 0.3, 0.1, 0.03, 0.01] + rng.standard_normal((n, 6))
+    return X, Y
+
+
+def explicit_cv_errors(X, Y, alphas, splits):
+    """(A, T) mean over folds of the per-fold validation MSE of ``Ridge`` refit on the other folds."""
+    errors = np.zeros((len(alphas), Y.shape[1]))
+    for train, val in splits:
+        for i, alpha in enumerate(alphas):
+            pred = Ridge(alpha=alpha, fit_intercept=False).fit(X[train], Y[train]).predict(X[val])
+            errors[i] += ((pred - Y[val]) ** 2).mean(0)
+    return errors / len(splits)
+
+
+@pytest.mark.parametrize("shape", [(90, 20), (20, 60), (41, 41)])  # primal (N ≥ V) and dual (N < V) forms
+def test_kfold_exact_errors_equal_explicit_refits_in_float64(shape):
+    X, Y = planted_problem(*shape)
+    X, Y = X - X.mean(0), Y - Y.mean(0)
+    splits = list(KFold(5, shuffle=True, random_state=0).split(X))
+    best, coef, errors, pred_mean, pred_std = kfold_exact_ridge(
+        torch.from_numpy(X), torch.from_numpy(Y), list(ALPHAS), [torch.from_numpy(v) for _, v in splits]
+    )
+    reference = explicit_cv_errors(X, Y, ALPHAS, splits)
+    np.testing.assert_allclose(errors, reference, rtol=1e-8)
+    np.testing.assert_array_equal(best, reference.argmin(0))
+    assert len(set(best.tolist())) > 1
+    for t, i in enumerate(best):
+        ref = Ridge(alpha=ALPHAS[i], fit_intercept=False).fit(X, Y[:, t]).coef_
+        np.testing.assert_allclose(coef[:, t].numpy(), ref, rtol=1e-8, atol=1e-12)
+    pred = X @ coef.numpy()
+    np.testing.assert_allclose(pred_mean.numpy(), pred.mean(0), atol=1e-12)
+    np.testing.assert_allclose(pred_std.numpy(), pred.std(0), rtol=1e-10)
+
+
+def test_kfold_exact_shared_alpha_minimises_summed_error():
+    X, Y = planted_problem(60, 15, seed=2)
+    X, Y = X - X.mean(0), Y - Y.mean(0)
+    splits = list(KFold(4, shuffle=True, random_state=1).split(X))
+    best, coef, errors, _, _ = kfold_exact_ridge(
+        torch.from_numpy(X),
+        torch.from_numpy(Y),
+        list(ALPHAS),
+        [torch.from_numpy(v) for _, v in splits],
+        local_alpha=False,
+    )
+    shared = explicit_cv_errors(X, Y, ALPHAS, splits).sum(1).argmin()
+    np.testing.assert_array_equal(best, np.full(Y.shape[1], shared))
+    ref = Ridge(alpha=ALPHAS[shared], fit_intercept=False).fit(X, Y).coef_.T
+    np.testing.assert_allclose(coef.numpy(), ref, rtol=1e-8, atol=1e-12)
+
+
+def test_kfold_exact_rejects_bad_alphas_and_folds():
+    X, Y = torch.zeros(10, 3), torch.zeros(10, 2)
+    folds = [torch.arange(5), torch.arange(5, 10)]
+    with pytest.raises(ValueError, match="alphas must be > 0"):
+        kfold_exact_ridge(X, Y, [0.0, 1.0], folds)
+    with pytest.raises(ValueError, match="must partition the 10 trials"):
+        kfold_exact_ridge(X, Y, [1.0], [torch.arange(5), torch.arange(4, 10)])
+    with pytest.raises(ValueError, match="solver must be"):
+        fit_ridge_cv(X.numpy(), Y.numpy(), (1.0,), cv=2, solver="svd")
+
+
+@pytest.mark.parametrize(("shape", "himalaya"), [((90, 20), "primal"), ((20, 60), "kernel")])
+def test_kfold_exact_agrees_with_himalaya(shape, himalaya):
+    X, Y = planted_problem(*shape, seed=3)
+    exact = fit_ridge_cv(X, Y, ALPHAS, cv=5, solver="kfold_exact", seed=0)
+    reference = fit_ridge_cv(X, Y, ALPHAS, cv=5, solver=himalaya, seed=0)
+    np.testing.assert_allclose(exact.best_alphas, reference.best_alphas, rtol=1e-6)  # himalaya rounds
+    np.testing.assert_allclose(exact.cv_scores, reference.cv_scores, rtol=1e-4)
+    pred, ref = exact.predict(X[:7]), reference.predict(X[:7])
+    np.testing.assert_allclose(pred, ref, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(exact.pred_std, reference.pred_std, rtol=1e-4)
+    np.testing.assert_allclose(exact.pred_mean, reference.pred_mean, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "solver"),  # primal (N ≥ V) and dual (N < V) shapes; himalaya's solver for each shape
+    [((90, 20), "auto"), ((20, 60), "auto"), ((90, 20), "primal"), ((20, 60), "kernel")],
+)
+def test_fit_ridge_cv_matches_brute_force_sklearn_search(shape, solver):
+    X, Y = planted_problem(*shape)
+    X, Y = X.astype(np.float32), Y.astype(np.float32)
+    fit = fit_ridge_cv(X, Y, ALPHAS, cv=5, seed=0, solver=solver)
 
     Xs = (X - X.mean(0)) / X.std(0)
     Yc = Y - Y.mean(0)
-    errors = np.zeros((len(alphas), Y.shape[1]))
-    for train, val in KFold(5, shuffle=True, random_state=0).split(Xs):
-        for i, alpha in enumerate(alphas):
-            pred = Ridge(alpha=alpha, fit_intercept=False).fit(Xs[train], Yc[train]).predict(Xs[val])
-            errors[i] += ((pred - Yc[val]) ** 2).mean(0)
-    best = np.asarray(alphas)[errors.argmin(0)]
+    splits = list(KFold(5, shuffle=True, random_state=0).split(Xs))
+    errors = explicit_cv_errors(Xs, Yc, ALPHAS, splits)
+    best = np.asarray(ALPHAS)[errors.argmin(0)]
     np.testing.assert_allclose(fit.best_alphas, best, rtol=1e-5)
+    np.testing.assert_allclose(fit.cv_scores, -errors.min(0), rtol=1e-4)
     assert len(set(best.tolist())) > 1  # the targets differ in SNR, so their alphas must differ
     for t in range(Y.shape[1]):
         ref = Ridge(alpha=float(best[t]), fit_intercept=False).fit(Xs, Yc[:, t]).coef_

@@ -47,8 +47,10 @@ class RidgeConfig:
     Attributes:
         alphas: candidate ridge penalties (searched per feature; standardised voxels, so they scale with N).
         cv_folds: K of the K-fold alpha search.
-        solver: ``"primal"`` (SVD, N ≥ V), ``"kernel"`` (dual, N < V) or ``"auto"``.
-        backend: himalaya backend (``"torch"`` = torch on CPU, ``"torch_cuda"``, ``"numpy"``).
+        solver: ``"kfold_exact"`` (= ``"auto"``: one fit per alpha, held-out residuals by deletion identity),
+            or himalaya's ``"primal"`` (SVD per fold) / ``"kernel"`` (kernel eigendecomposition per fold).
+        backend: himalaya backend for ``"primal"``/``"kernel"`` (``"torch"`` = torch on CPU, ``"torch_cuda"``,
+            ``"numpy"``).
         n_targets_batch: solve this many targets at a time (memory bound for 16,384-dim SD latents).
         text_condition: regress the caption-averaged text tokens; False conditions on the empty text.
         backbone: ``"world"`` (shipped world LDM), a hub id in the local cache, or a diffusers folder.
@@ -61,7 +63,7 @@ class RidgeConfig:
 
     alphas: tuple[float, ...] = (1e1, 1e2, 1e3, 3e3, 1e4, 3e4, 1e5, 1e6)
     cv_folds: int = 5
-    solver: Literal["auto", "primal", "kernel"] = "auto"
+    solver: Literal["auto", "kfold_exact", "primal", "kernel"] = "auto"
     backend: Literal["numpy", "torch", "torch_cuda"] = "torch"
     n_targets_batch: int | None = None
     text_condition: bool = True
