@@ -15,9 +15,9 @@ predictions and K small ``n_val x n_val`` solves instead of K refits. For N ≥ 
 (``G = XᵀX = LLᵀ``, ``Z = X L⁻ᵀ``, ``H_vv = Z_v Z_vᵀ``, ``Ŷ = Z L⁻¹ XᵀY``); for N < V the dual form
 (``K = XXᵀ``, ``I − H = α (K + αI)⁻¹``, so ``E_v = ((K + αI)⁻¹_vv)⁻¹ ((K + αI)⁻¹ Y)_v``). A Cholesky per alpha
 rather than one eigendecomposition shared by all alphas: LAPACK's symmetric eigensolver is bound by
-matrix-vector products in its tridiagonal reduction and took longer than the whole search it would save on
-the 2-core benchmark machine (27 s for V = 3,931), while Cholesky and triangular solves run at
-matrix-multiply speed.
+matrix-vector products in its tridiagonal reduction and on the 2-core benchmark machine took as long as or
+longer than the per-alpha factorisations it would save (27–65 s for V = 3,931 vs ≈ 30 s), while Cholesky and
+triangular solves run at matrix-multiply speed.
 
 ``"primal"`` / ``"kernel"``: himalaya's RidgeCV (one SVD of the training voxels per fold) and KernelRidgeCV
 (one eigendecomposition of the linear kernel per fold); same search, kept for comparison.
@@ -128,7 +128,7 @@ def fit_ridge_cv(
         cv: number of folds (shuffled with ``seed``).
         solver: ``"kfold_exact"`` (one fit per alpha, held-out residuals by the deletion identity; torch),
             ``"primal"`` (himalaya, SVD of X per fold), ``"kernel"`` (himalaya, eigendecomposition of X Xᵀ per
-            fold) or ``"auto"`` (= ``"kfold_exact"``, the fastest of the three for every size measured).
+            fold) or ``"auto"`` (= ``"kfold_exact"``, the fastest of the three in benchmarks/bench_ridge.py).
         backend: himalaya backend (``"primal"``/``"kernel"`` only; ``"kfold_exact"`` runs torch on the CPU).
         local_alpha: choose one alpha per target (True) or one for all targets.
         n_targets_batch: solve targets in chunks of this size to bound memory.
