@@ -170,7 +170,7 @@ def test_set(store, subject: int, n_test: int | None):
 
 
 # %% one full-size step on CPU (random SD 1.4 / ViT-B/32-sized components; no download)
-def fullsize_step_timing(repeats: int = 1) -> dict:
+def fullsize_step_timing(repeats: int = 1, sag_scale: float = 0.75) -> dict:
     """Seconds of one unguided and one guided DDIM step at SD 1.4 sizes (latent 4×64×64, 512 px, CFG batch 2).
 
     The projected ratio of a whole reconstruction uses the paper's schedule: 37 steps run, 7 of them guided.
@@ -223,7 +223,7 @@ def fullsize_step_timing(repeats: int = 1) -> dict:
     for label, kappa in (("unguided", 0.0), ("guided", 3e5)):
         # num_steps=1, strength=1 → exactly one DDIM step; guidance_strength=1 guides it.
         settings = ReconstructionSettings(
-            num_steps=1, strength=1.0, guidance_scale=kappa, guidance_strength=1.0
+            num_steps=1, strength=1.0, guidance_scale=kappa, guidance_strength=1.0, sag_scale=sag_scale
         )
         best = float("inf")
         for _ in range(repeats):
@@ -286,7 +286,9 @@ def main(argv=None) -> int:
         save_results(out, results)
         print(json.dumps(results["params"], indent=1))
     if "fullsize" in args.only:
-        results["fullsize_step"] = fullsize_step_timing()
+        results["fullsize_step"] = {
+            f"sag {sag:g}": fullsize_step_timing(sag_scale=sag) for sag in (0.75, 0.0)
+        }
         save_results(out, results)
         print(json.dumps(results["fullsize_step"], indent=1))
     if set(args.only) <= {"params", "fullsize"}:
