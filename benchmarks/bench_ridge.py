@@ -54,6 +54,26 @@ def make_problem(n_train: int, n_test: int, n_voxels: int, n_targets: int, rank:
     return X[:n_train], Y[:n_train], X[n_train:], Y[n_train:]
 
 
+def sklearn_single_fits(X, Y, alphas, cv: int, n_fits: int, seed: int = 0) -> tuple[float, float]:
+    """Mean (wall, CPU) seconds of one brute-force ``Ridge(alpha).fit(...).predict(...)`` on a training fold,
+    over the first ``n_fits`` alphas: the unit the full search repeats ``cv * len(alphas)`` times."""
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import KFold
+
+    Xs = (X - X.mean(0)) / X.std(0)
+    Yc = Y - Y.mean(0)
+    train, val = next(iter(KFold(cv, shuffle=True, random_state=seed).split(Xs)))
+    Xt, Yt, Xv = Xs[train], Yc[train], Xs[val]
+    walls, cpus = [], []
+    for alpha in list(alphas)[:n_fits]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        Ridge(alpha=float(alpha), fit_intercept=False).fit(Xt, Yt).predict(Xv)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+        print(f"  sklearn fit alpha {alpha:.3g}: {walls[-1]:.1f} s wall, {cpus[-1]:.1f} s CPU", flush=True)
+    return float(np.mean(walls)), float(np.mean(cpus))
+
+
 def sklearn_search(X, Y, alphas, cv: int, n_folds_run: int, seed: int = 0):
     """Brute-force per-target alpha search; returns (best alphas or None, coef or None, timings)."""
     from sklearn.linear_model import Ridge
@@ -98,6 +118,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cv", type=int, default=5, help="folds")
     parser.add_argument(
         "--sklearn-folds", type=int, default=None, help="folds to run with sklearn (default all)"
+    )
+    parser.add_argument(
+        "--sklearn-fits",
+        type=int,
+        default=None,
+        help="time only this many single sklearn fits on fold 0 and extrapolate the search to cv x alphas "
+        "fits plus one fit per distinct alpha chosen by fmrirecon (a lower bound on sklearn's refit)",
     )
     parser.add_argument("--skip-sklearn", action="store_true", help="time fmrirecon's solvers only")
     parser.add_argument("--backend", default="torch", help="himalaya backend (torch, numpy, torch_cuda)")
@@ -152,7 +179,23 @@ def main(argv=None) -> int:
     pred_h = first.predict(X_test)
     r_h = float(np.mean([np.corrcoef(pred_h[:, j], Y_test[:, j])[0, 1] for j in range(0, args.targets, 64)]))
     rows["held-out r"] = f"{r_h:.3f} (mean over every 64th target)"
-    if not args.skip_sklearn:
+    if args.sklearn_fits and not args.skip_sklearn:
+        wall1, cpu1 = sklearn_single_fits(X, Y, alphas, args.cv, args.sklearn_fits)
+        n_distinct = len(np.unique(first.best_alphas))
+        n_fits = args.cv * len(alphas) + n_distinct
+        t_sklearn, c_sklearn = wall1 * n_fits, cpu1 * n_fits
+        how = (
+            f"extrapolated from {args.sklearn_fits} measured single fit(s) on a training fold: "
+            f"{wall1:.1f} s wall / {cpu1:.1f} s CPU each x ({args.cv} folds x {len(alphas)} alphas + "
+            f"{n_distinct} refits)"
+        )
+        print(f"sklearn: {t_sklearn:.1f} s wall, {c_sklearn:.1f} s CPU ({how})", flush=True)
+        rows["scikit-learn, Ridge per alpha and fold"] = (
+            f"{t_sklearn:.1f} s wall, {c_sklearn:.1f} s CPU ({how})"
+        )
+        for solver, (wall, cpu) in timings.items():
+            rows[f"speed-up of {solver}"] = f"{t_sklearn / wall:.1f}x wall, {c_sklearn / cpu:.1f}x CPU"
+    elif not args.skip_sklearn:
         folds = args.cv if args.sklearn_folds is None else min(args.sklearn_folds, args.cv)
         best, predict, times = sklearn_search(X, Y, alphas, args.cv, folds)
         t_sklearn = times["search"] * args.cv / folds + times["refit"]
