@@ -87,6 +87,12 @@ def main() -> None:
     parser.add_argument(
         "--networks", nargs="+", default=None, help="subset of the preset's networks (default: all five)"
     )
+    parser.add_argument(
+        "--bare-images",
+        type=int,
+        default=None,
+        help="time the bare forward passes on this many images and scale linearly to 2N (default: all 2N)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,7 +141,9 @@ def main() -> None:
     expected = 2 * args.n
     assert all(c == expected for c in images_per_network.values()), (images_per_network, expected)
 
-    bare = bare_forward_seconds(extractors, preset, 2 * args.n, args.batch_size)
+    bare_images = min(args.bare_images or 2 * args.n, 2 * args.n)
+    bare = bare_forward_seconds(extractors, preset, bare_images, args.batch_size)
+    bare = {net: seconds * (2 * args.n) / bare_images for net, seconds in bare.items()}
     figures = {
         "n_pairs": args.n,
         "networks": sorted(extractors),
@@ -146,6 +154,7 @@ def main() -> None:
         "images_per_network": images_per_network,
         "suite_seconds": round(suite_seconds, 1),
         "bare_forward_seconds": {k: round(v, 1) for k, v in bare.items()},
+        "bare_forward_images_timed": bare_images,  # < 2N: scaled linearly to 2N (same batch size)
         "bare_forward_total_seconds": round(sum(bare.values()), 1),
         "ratio_suite_to_bare": round(suite_seconds / sum(bare.values()), 3),
         # same run, same load: the suite's wall time over the time spent inside the networks' forwards
