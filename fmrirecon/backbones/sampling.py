@@ -162,7 +162,8 @@ class _SelfAttentionGuidance:
         salient = probs.reshape(b, -1, h * w, h * w).mean(1).sum(1) > 1.0
         mask = salient.reshape(b, 1, h, w).to(latents.dtype)
         mask = F.interpolate(mask, size=latents.shape[-2:], mode="nearest").expand(-1, c, -1, -1)
-        blurred = gaussian_blur(x0, kernel_size=[9, 9], sigma=[1.0, 1.0])
+        k = min(9, 2 * min(latents.shape[-2:]) - 1)  # SAG's 9×9, σ = 1; reflect padding needs pad < side
+        blurred = gaussian_blur(x0, kernel_size=[k, k], sigma=[1.0, 1.0])
         degraded = blurred * mask + x0 * (1 - mask)
         return scheduler.add_noise(degraded, eps, t.reshape(1))
 

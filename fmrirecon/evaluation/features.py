@@ -209,6 +209,7 @@ def _torchvision_weights_file(network: str, weights_enum, weights_dir) -> tuple[
 
 def _build_torchvision(network: str, weights_dir, random_weights: bool) -> tuple[torch.nn.Module, str]:
     from torchvision import models
+
     if network == "alexnet":
         weights_enum, model = models.AlexNet_Weights.IMAGENET1K_V1, models.alexnet(weights=None)
     elif network == "efficientnet_b1":
