@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from tiny_sd import tiny_sd_parts
 from torch import nn
 
 from fmrirecon.methods.neuraldiffuser.pipeline import (
@@ -34,33 +35,9 @@ class TinyFeatures(nn.Module):
 
 @pytest.fixture(scope="module")
 def tiny_ld():
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
     from fmrirecon.backbones.diffusion import LatentDiffusion
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    )
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
+    vae, unet, scheduler = tiny_sd_parts()
     empty = torch.randn(1, 5, 12)
 
     class Tiny(LatentDiffusion):

@@ -300,6 +300,21 @@ class Trainer:
         last_losses: dict[str, float] = {}
         t0 = time.time()
         saved_at = step if latest is not None else None
+
+        def save():  # the loop's current position (step, epoch, batch_in_epoch) at the time of the call
+            self._save(
+                accelerator,
+                wrapped,
+                optimizer,
+                scheduler,
+                ckpt_dir,
+                step,
+                epoch,
+                batch_in_epoch,
+                train_cfg_dict,
+                stage,
+            )
+
         params = [p for g in optimizer.param_groups for p in g["params"]]
         while step < total_steps:
             if batch_in_epoch >= batches_per_epoch:
@@ -353,18 +368,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_losses['loss']:.4g}")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    self._save(
-                        accelerator,
-                        wrapped,
-                        optimizer,
-                        scheduler,
-                        ckpt_dir,
-                        step,
-                        epoch,
-                        batch_in_epoch,
-                        train_cfg_dict,
-                        stage,
-                    )
+                    save()
                     saved_at = step
                 if step >= total_steps:
                     if batch_in_epoch < batches_per_epoch and hasattr(epoch_loader, "end"):
@@ -376,18 +380,7 @@ class Trainer:
         if writer is not None:
             writer.close()
         if saved_at != step:
-            self._save(
-                accelerator,
-                wrapped,
-                optimizer,
-                scheduler,
-                ckpt_dir,
-                step,
-                epoch,
-                batch_in_epoch,
-                train_cfg_dict,
-                stage,
-            )
+            save()
         epochs_completed = epoch + batch_in_epoch / batches_per_epoch
         accelerator.wait_for_everyone()
         if is_main:
