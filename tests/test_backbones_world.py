@@ -10,12 +10,13 @@ from fmrirecon.backbones.world.tokenizer import build_word_tokenizer, words_of
 from fmrirecon.backbones.world.train import (
     WorldTrainConfig,
     full_caption,
+    swap_categories,
     train_clip,
     train_clip_vision,
     train_vae,
     train_vae_decoder,
 )
-from fmrirecon.data.world import make_world
+from fmrirecon.data.world import CATEGORIES, make_world
 
 
 def test_word_tokenizer_round_trips(tmp_path):
@@ -40,6 +41,19 @@ def test_full_caption_is_the_most_informative():
     for spec, captions in zip(world.specs, world.captions):
         full = full_caption(captions)
         assert all(obj.colour in full and obj.category in full for obj in spec.objects)
+
+
+def test_hard_negative_swaps_every_category_and_nothing_else():
+    rng = np.random.default_rng(0)
+    caption = "a large red ball to the left of two small blue boxes on grass"
+    for _ in range(50):
+        swapped = swap_categories(caption, rng).split()
+        original = caption.split()
+        changed = [k for k, (a, b) in enumerate(zip(original, swapped)) if a != b]
+        assert changed == [3, 11]
+        assert swapped[3] in CATEGORIES and swapped[3] != "ball"
+        assert swapped[11] != "boxes" and swapped[11].endswith("s") and swapped[11] not in CATEGORIES
+    assert swap_categories("a photo of a clear blue sky", rng) is None
 
 
 def test_training_stages_learn_freeze_what_they_must_and_resume(tmp_path):

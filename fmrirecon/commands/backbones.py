@@ -27,8 +27,9 @@ def register(subparsers) -> None:
     train = sub.add_parser("train-world", help="train the world CLIP, VAE and UNet on synthetic scenes")
     train.add_argument(
         "--stages",
-        default="clip,vae,unet,vae_decoder,clip_vision",
-        help="comma-separated subset of clip,vae,unet,vae_decoder,clip_vision",
+        default="clip,vae,unet",
+        help="comma-separated subset of clip,vae,unet,vae_decoder,clip_vision (default: the three stages "
+        "behind the shipped weights; vae_decoder and clip_vision are optional refinements)",
     )
     train.add_argument("--weights-dir", default=None, help="output weights folder (default: the package's)")
     train.add_argument(

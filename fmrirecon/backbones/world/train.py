@@ -1,10 +1,11 @@
 """Train the world backbones on synthetic scenes and check their quality on held-out scenes.
 
-Three stages, each a plain loop (``fmrirecon backbones train-world``):
+Three stages behind the shipped weights, each a plain loop (``fmrirecon backbones train-world``):
 
 1. ``clip``: a tiny transformers ``CLIPModel`` trained with the symmetric InfoNCE loss of CLIP (Radford et
    al. 2021, Fig. 3) on (scene, caption) pairs; the word-level tokenizer is built from the training
-   captions.
+   captions. Optional: category-swapped hard-negative captions (:func:`swap_categories`) and a zero-shot
+   prompt term on the primary category (``clip_hard_negatives``, ``clip_category_weight``).
 2. ``vae``: a small diffusers ``AutoencoderKL`` (64x64x3 -> 4x16x16) trained with a pixel loss plus a tiny
    KL term (LDM's "KL-reg", Rombach et al. 2022 §3); its ``scaling_factor`` is then set to 1 / std of the
    training latents (LDM §4.3.2), as SD's 0.18215 was.
@@ -18,7 +19,8 @@ world uses seed 0). Captions: each step draws, per scene, its *full* caption (th
 longest, naming every object with size and colour, their relation and the background) with probability
 ``full_caption_prob`` and one of its 5 captions uniformly otherwise. Quality checks use the full caption.
 
-Every stage checkpoints its weights (safetensors) every ``checkpoint_every`` steps under ``work_dir`` and
+Two optional refinements: ``vae_decoder`` (decoder fine-tuning, encoder frozen) and ``clip_vision``
+(vision tower with the text transformer frozen). Every stage checkpoints its weights (safetensors) every ``checkpoint_every`` steps under ``work_dir`` and
 resumes from the last checkpoint (weights and step; the optimiser restarts).
 """
 
@@ -59,17 +61,23 @@ class WorldTrainConfig:
     clip_steps: int = 1000
     clip_batch: int = 64
     clip_lr: float = 1e-3
+    # off for the shipped CLIP: in a 600-step trial they moved zero-shot category only from 10 % to 13 %
+    # (benchmarks/RESULTS.md, "World backbones")
+    clip_hard_negatives: bool = False
+    clip_category_weight: float = 0.0
     clip_vision_steps: int = 800
     clip_vision_lr: float = 3e-3
     clip_vision_category_weight: float = 2.0
     # VAE
-    vae_steps: int = 500
+    vae_steps: int = 1500
     vae_decoder_steps: int = 1000
-    vae_batch: int = 12
+    vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
+    # bfloat16 autocast of the VAE stage (2x faster on CPUs with AVX512-BF16/AMX; the weights stay float32)
+    vae_bf16: bool = True
     # UNet
-    unet_steps: int = 2000
+    unet_steps: int = 6000
     unet_batch: int = 32
     unet_lr: float = 5e-4
     caption_dropout: float = 0.1
@@ -100,6 +108,31 @@ def _pick_captions(world, index: np.ndarray, rng: np.random.Generator, full_prob
         caps = world.captions[i]
         out.append(full_caption(caps) if rng.random() < full_prob else caps[rng.integers(len(caps))])
     return out
+
+
+def swap_categories(text: str, rng: np.random.Generator) -> str | None:
+    """``text`` with every object category word (singular or plural) replaced by a different, random category
+    in the same number; ``None`` when the caption names no category.
+
+    Used as a hard negative for the world CLIP: a batch of world scenes is told apart by colours and
+    backgrounds alone, so plain InfoNCE never has to learn object shape; a caption that differs from the
+    positive only in its categories does (the hard-negative captions of NegCLIP, Yuksekgonul et al. 2023
+    §4, with category swaps instead of word-order swaps).
+    """
+    from fmrirecon.data.world import CATEGORIES, _plural
+
+    forms = {c: (i, False) for i, c in enumerate(CATEGORIES)} | {
+        _plural(c): (i, True) for i, c in enumerate(CATEGORIES)
+    }
+    words = text.split()
+    swapped = False
+    for k, word in enumerate(words):
+        if word in forms:
+            index, plural = forms[word]
+            other = CATEGORIES[(index + 1 + int(rng.integers(len(CATEGORIES) - 1))) % len(CATEGORIES)]
+            words[k] = _plural(other) if plural else other
+            swapped = True
+    return " ".join(words) if swapped else None
 
 
 def _cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
@@ -155,8 +188,10 @@ def train_clip(cfg: WorldTrainConfig, world, work_dir: Path):
     from fmrirecon.backbones.clip import ClipEmbedder
     from fmrirecon.backbones.world.models import world_clip_config
     from fmrirecon.backbones.world.tokenizer import build_word_tokenizer, words_of
+    from fmrirecon.data.world import CATEGORIES, _plural
 
-    all_captions = [c for caps in world.captions for c in caps]
+    # every category in both numbers is in the vocabulary (hard negatives and prompts use them all)
+    all_captions = [c for caps in world.captions for c in caps] + [f"a {c} {_plural(c)}" for c in CATEGORIES]
     longest = max(len(words_of(c)) for c in all_captions)
     tokenizer = build_word_tokenizer(all_captions, max_length=longest + 2 + 2)  # + BOS/EOS + headroom
     config = CLIPConfig(
@@ -178,16 +213,29 @@ def train_clip(cfg: WorldTrainConfig, world, work_dir: Path):
     rng = np.random.default_rng(cfg.train_seed + start)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
 
+    prompts = [f"a {category}" for category in CATEGORIES]
+    primary = torch.from_numpy(np.asarray(world.primary_category))
+
     def step_fn(step):
         index = rng.choice(len(images), size=cfg.clip_batch, replace=False)
         texts = _pick_captions(world, index, rng, cfg.full_caption_prob)
+        negatives = [swap_categories(t, rng) for t in texts] if cfg.clip_hard_negatives else []
+        negatives = [t for t in negatives if t is not None]
         img = F.normalize(clip.image_embeds(images[index]), dim=-1)
-        txt = F.normalize(clip.text_embeds(texts), dim=-1)
-        logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
+        txt = F.normalize(clip.text_embeds(texts + negatives + prompts), dim=-1)
+        txt, neg, classifier = txt.split([len(texts), len(negatives), len(prompts)])
+        scale = model.logit_scale.exp().clamp(max=100)
+        logits = scale * img @ txt.T
         # identical captions in a batch (e.g. two "a photo") are positives for each other
         same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
         target = same / same.sum(1, keepdim=True)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2
+        # image -> text over the batch's captions and the category-swapped hard negatives (never positives)
+        image_logits = torch.cat([logits, scale * img @ neg.T], dim=1)
+        image_target = F.pad(target, (0, len(negatives)))
+        loss = (F.cross_entropy(image_logits, image_target) + F.cross_entropy(logits.T, target.T)) / 2
+        if cfg.clip_category_weight:
+            # CLIP's zero-shot classifier (Radford et al. 2021 §3.1.2) on the scene's primary category
+            loss = loss + cfg.clip_category_weight * F.cross_entropy(scale * img @ classifier.T, primary[index])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -283,10 +331,11 @@ def train_vae(cfg: WorldTrainConfig, world, work_dir: Path):
 
     def step_fn(step):
         x = images[rng.choice(len(images), size=cfg.vae_batch, replace=False)] * 2 - 1
-        posterior = vae.encode(x).latent_dist
-        # decode the posterior mean: with a KL weight this small the posterior collapses to its mean anyway,
-        # and the sampling noise of the untrained log-variance only slows the start down
-        recon = vae.decode(posterior.mean).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.vae_bf16):
+            posterior = vae.encode(x).latent_dist
+            # decode the posterior mean: with a KL weight this small the posterior collapses to its mean
+            # anyway, and the sampling noise of the untrained log-variance only slows the start down
+            recon = vae.decode(posterior.mean).sample.float()
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
