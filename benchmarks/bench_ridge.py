@@ -36,6 +36,7 @@ FULL_TRIALS, FULL_VOXELS, FULL_TARGETS = 24_000, 15_724, 16_384
 SOLVER_LABELS = {
     "auto": "fmrirecon kfold_exact (auto)",
     "kfold_exact": "fmrirecon kfold_exact (Cholesky per alpha + deletion identity, torch)",
+    "kfold_eigh": "fmrirecon kfold_eigh (one eigh for all alphas + deletion identity, torch)",
     "primal": "himalaya RidgeCV (SVD)",
     "kernel": "himalaya KernelRidgeCV (eigh)",
 }

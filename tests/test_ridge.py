@@ -129,13 +129,18 @@ def explicit_cv_errors(X, Y, alphas, splits):
     return errors / len(splits)
 
 
+@pytest.mark.parametrize("factorization", ["cholesky", "eigh"])
 @pytest.mark.parametrize("shape", [(90, 20), (20, 60), (41, 41)])  # primal (N ≥ V) and dual (N < V) forms
-def test_kfold_exact_errors_equal_explicit_refits_in_float64(shape):
+def test_kfold_exact_errors_equal_explicit_refits_in_float64(shape, factorization):
     X, Y = planted_problem(*shape)
     X, Y = X - X.mean(0), Y - Y.mean(0)
     splits = list(KFold(5, shuffle=True, random_state=0).split(X))
     best, coef, errors, pred_mean, pred_std = kfold_exact_ridge(
-        torch.from_numpy(X), torch.from_numpy(Y), list(ALPHAS), [torch.from_numpy(v) for _, v in splits]
+        torch.from_numpy(X),
+        torch.from_numpy(Y),
+        list(ALPHAS),
+        [torch.from_numpy(v) for _, v in splits],
+        factorization=factorization,
     )
     reference = explicit_cv_errors(X, Y, ALPHAS, splits)
     np.testing.assert_allclose(errors, reference, rtol=1e-8)
@@ -175,6 +180,8 @@ def test_kfold_exact_rejects_bad_alphas_and_folds():
         kfold_exact_ridge(X, Y, [1.0], [torch.arange(5), torch.arange(4, 10)])
     with pytest.raises(ValueError, match="solver must be"):
         fit_ridge_cv(X.numpy(), Y.numpy(), (1.0,), cv=2, solver="svd")
+    with pytest.raises(ValueError, match="factorization must be"):
+        kfold_exact_ridge(X, Y, [1.0], folds, factorization="qr")
 
 
 @pytest.mark.parametrize(("shape", "himalaya"), [((90, 20), "primal"), ((20, 60), "kernel")])
@@ -192,7 +199,13 @@ def test_kfold_exact_agrees_with_himalaya(shape, himalaya):
 
 @pytest.mark.parametrize(
     ("shape", "solver"),  # primal (N ≥ V) and dual (N < V) shapes; himalaya's solver for each shape
-    [((90, 20), "auto"), ((20, 60), "auto"), ((90, 20), "primal"), ((20, 60), "kernel")],
+    [
+        ((90, 20), "auto"),
+        ((20, 60), "auto"),
+        ((90, 20), "kfold_eigh"),
+        ((90, 20), "primal"),
+        ((20, 60), "kernel"),
+    ],
 )
 def test_fit_ridge_cv_matches_brute_force_sklearn_search(shape, solver):
     X, Y = planted_problem(*shape)
