@@ -20,8 +20,9 @@ longest, naming every object with size and colour, their relation and the backgr
 ``full_caption_prob`` and one of its 5 captions uniformly otherwise. Quality checks use the full caption.
 
 Two optional refinements: ``vae_decoder`` (decoder fine-tuning, encoder frozen) and ``clip_vision``
-(vision tower with the text transformer frozen). Every stage checkpoints its weights (safetensors) every ``checkpoint_every`` steps under ``work_dir`` and
-resumes from the last checkpoint (weights and step; the optimiser restarts).
+(vision tower with the text transformer frozen). Every stage checkpoints its weights (safetensors) every
+``checkpoint_every`` steps under ``work_dir`` and resumes from the last checkpoint (weights and step; the
+optimiser restarts).
 """
 
 from __future__ import annotations
@@ -235,7 +236,8 @@ def train_clip(cfg: WorldTrainConfig, world, work_dir: Path):
         loss = (F.cross_entropy(image_logits, image_target) + F.cross_entropy(logits.T, target.T)) / 2
         if cfg.clip_category_weight:
             # CLIP's zero-shot classifier (Radford et al. 2021 §3.1.2) on the scene's primary category
-            loss = loss + cfg.clip_category_weight * F.cross_entropy(scale * img @ classifier.T, primary[index])
+            category = F.cross_entropy(scale * img @ classifier.T, primary[index])
+            loss = loss + cfg.clip_category_weight * category
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
