@@ -34,7 +34,7 @@ import numpy as np
 
 FULL_TRIALS, FULL_VOXELS, FULL_TARGETS = 24_000, 15_724, 16_384
 SOLVER_LABELS = {
-    "auto": "fmrirecon kfold_exact (auto)",
+    "auto": "fmrirecon auto (kfold_eigh when N >= V and > 2 alphas)",
     "kfold_exact": "fmrirecon kfold_exact (Cholesky per alpha + deletion identity, torch)",
     "kfold_eigh": "fmrirecon kfold_eigh (one eigh for all alphas + deletion identity, torch)",
     "primal": "himalaya RidgeCV (SVD)",

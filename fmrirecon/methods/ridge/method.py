@@ -47,7 +47,9 @@ class RidgeConfig:
     Attributes:
         alphas: candidate ridge penalties (searched per feature; standardised voxels, so they scale with N).
         cv_folds: K of the K-fold alpha search.
-        solver: ``"kfold_exact"`` (= ``"auto"``: one fit per alpha, held-out residuals by deletion identity),
+        solver: ``"auto"`` (``"kfold_eigh"`` when trials ≥ voxels and > 2 alphas, else ``"kfold_exact"``),
+            ``"kfold_exact"`` (one Cholesky per alpha, held-out residuals by the deletion identity),
+            ``"kfold_eigh"`` (the same identity from one eigendecomposition shared by all alphas),
             or himalaya's ``"primal"`` (SVD per fold) / ``"kernel"`` (kernel eigendecomposition per fold).
         backend: himalaya backend for ``"primal"``/``"kernel"`` (``"torch"`` = torch on CPU, ``"torch_cuda"``,
             ``"numpy"``).
@@ -63,7 +65,7 @@ class RidgeConfig:
 
     alphas: tuple[float, ...] = (1e1, 1e2, 1e3, 3e3, 1e4, 3e4, 1e5, 1e6)
     cv_folds: int = 5
-    solver: Literal["auto", "kfold_exact", "primal", "kernel"] = "auto"
+    solver: Literal["auto", "kfold_exact", "kfold_eigh", "primal", "kernel"] = "auto"
     backend: Literal["numpy", "torch", "torch_cuda"] = "torch"
     n_targets_batch: int | None = None
     text_condition: bool = True

@@ -1,9 +1,9 @@
 """Cross-validated ridge regression from voxels to many targets.
 
 Alphas are chosen per target by the lowest K-fold cross-validated squared error (``local_alpha``, as in
-Takagi & Nishimoto 2023 and Brain-Diffuser's per-feature regressions). Two exact ways to run that search:
+Takagi & Nishimoto 2023 and Brain-Diffuser's per-feature regressions). Exact ways to run that search:
 
-``"kfold_exact"`` (the default): one ridge on *all* trials per alpha, and the held-out residuals of every fold
+``"kfold_exact"``: one ridge on *all* trials per alpha, and the held-out residuals of every fold
 from the leave-group-out deletion identity for linear smoothers (Hastie, Tibshirani & Friedman, ESL §7.10;
 Allen's PRESS generalised from single trials to groups). With ``H = X (XᵀX + αI)⁻¹ Xᵀ`` the hat matrix of the
 full fit, ``Ŷ = H Y``, and validation rows ``v``, the fit on the other folds predicts ``Y_v`` with residual
@@ -13,11 +13,15 @@ full fit, ``Ŷ = H Y``, and validation rows ``v``, the fit on the other folds pr
 exactly (Woodbury on ``XᵀX − X_vᵀX_v``). Per alpha this costs one Cholesky factorisation, the full-data
 predictions and K small ``n_val x n_val`` solves instead of K refits. For N ≥ V the primal form is used
 (``G = XᵀX = LLᵀ``, ``Z = X L⁻ᵀ``, ``H_vv = Z_v Z_vᵀ``, ``Ŷ = Z L⁻¹ XᵀY``); for N < V the dual form
-(``K = XXᵀ``, ``I − H = α (K + αI)⁻¹``, so ``E_v = ((K + αI)⁻¹_vv)⁻¹ ((K + αI)⁻¹ Y)_v``). A Cholesky per alpha
-rather than one eigendecomposition shared by all alphas: LAPACK's symmetric eigensolver is bound by
-matrix-vector products in its tridiagonal reduction and on the 2-core benchmark machine took as long as or
-longer than the per-alpha factorisations it would save (27–65 s for V = 3,931 vs ≈ 30 s), while Cholesky and
-triangular solves run at matrix-multiply speed.
+(``K = XXᵀ``, ``I − H = α (K + αI)⁻¹``, so ``E_v = ((K + αI)⁻¹_vv)⁻¹ ((K + αI)⁻¹ Y)_v``).
+
+``"kfold_eigh"``: the same identity with one eigendecomposition ``XᵀX = QΛQᵀ`` shared by all alphas
+(N ≥ V): with ``P = XQ`` and ``B = QᵀXᵀY``, ``H_vv = P_v (Λ + αI)⁻¹ P_vᵀ`` and ``Ŷ = P (Λ + αI)⁻¹ B``, so
+an alpha costs one N x V x T product and the fold blocks, with no factorisation or triangular solve.
+LAPACK's symmetric eigensolver runs its tridiagonal reduction at matrix-vector speed (about 4 min for
+V = 15,724 on 2 cores, the cost of about two alphas of the Cholesky form), so it pays off from a few alphas
+on; ``"auto"`` picks it for N ≥ V and more than 2 alphas, the Cholesky form otherwise
+(benchmarks/bench_ridge.py).
 
 ``"primal"`` / ``"kernel"``: himalaya's RidgeCV (one SVD of the training voxels per fold) and KernelRidgeCV
 (one eigendecomposition of the linear kernel per fold); same search, kept for comparison.
@@ -129,7 +133,8 @@ def fit_ridge_cv(
         solver: ``"kfold_exact"`` (one fit per alpha, held-out residuals by the deletion identity; torch),
             ``"kfold_eigh"`` (the same identity from one eigendecomposition of XᵀX shared by all alphas),
             ``"primal"`` (himalaya, SVD of X per fold), ``"kernel"`` (himalaya, eigendecomposition of X Xᵀ per
-            fold) or ``"auto"`` (= ``"kfold_exact"``, the fastest of the three in benchmarks/bench_ridge.py).
+            fold) or ``"auto"`` (``"kfold_eigh"`` for N ≥ V and more than 2 alphas, else
+            ``"kfold_exact"``: the fastest in benchmarks/bench_ridge.py).
         backend: himalaya backend (``"primal"``/``"kernel"`` only; ``"kfold_exact"`` runs torch on the CPU).
         local_alpha: choose one alpha per target (True) or one for all targets.
         n_targets_batch: solve targets in chunks of this size to bound memory.
@@ -157,7 +162,7 @@ def fit_ridge_cv(
     Y = targets - y_mean
     folds = KFold(n_splits=cv, shuffle=True, random_state=seed)
     if solver == "auto":
-        solver = "kfold_exact"
+        solver = "kfold_eigh" if len(betas) >= betas.shape[1] and len(alphas) > 2 else "kfold_exact"
     if solver in ("kfold_exact", "kfold_eigh"):
         factorization = "eigh" if solver == "kfold_eigh" else "cholesky"
         best, coef, scores, pred_mean, pred_std = _fit_kfold_exact(
