@@ -170,7 +170,7 @@ def test_set(store, subject: int, n_test: int | None):
 
 
 # %% one full-size step on CPU (random SD 1.4 / ViT-B/32-sized components; no download)
-def fullsize_step_timing(repeats: int = 1, sag_scale: float = 0.75) -> dict:
+def fullsize_step_timing(repeats: int = 1, sag_scale: float = 0.75, precision: str = "float32") -> dict:
     """Seconds of one unguided and one guided DDIM step at SD 1.4 sizes (latent 4×64×64, 512 px, CFG batch 2).
 
     The projected ratio of a whole reconstruction uses the paper's schedule: 37 steps run, 7 of them guided.
@@ -223,7 +223,12 @@ def fullsize_step_timing(repeats: int = 1, sag_scale: float = 0.75) -> dict:
     for label, kappa in (("unguided", 0.0), ("guided", 3e5)):
         # num_steps=1, strength=1 → exactly one DDIM step; guidance_strength=1 guides it.
         settings = ReconstructionSettings(
-            num_steps=1, strength=1.0, guidance_scale=kappa, guidance_strength=1.0, sag_scale=sag_scale
+            num_steps=1,
+            strength=1.0,
+            guidance_scale=kappa,
+            guidance_strength=1.0,
+            sag_scale=sag_scale,
+            guidance_precision=precision,
         )
         best = float("inf")
         for _ in range(repeats):
@@ -287,7 +292,9 @@ def main(argv=None) -> int:
         print(json.dumps(results["params"], indent=1))
     if "fullsize" in args.only:
         results["fullsize_step"] = {
-            f"sag {sag:g}": fullsize_step_timing(sag_scale=sag) for sag in (0.75, 0.0)
+            f"sag {sag:g}, guidance {precision}": fullsize_step_timing(sag_scale=sag, precision=precision)
+            for sag in (0.75, 0.0)
+            for precision in ("float32", "bfloat16")
         }
         save_results(out, results)
         print(json.dumps(results["fullsize_step"], indent=1))
@@ -315,7 +322,15 @@ def main(argv=None) -> int:
         )
         nd._backbones = (ld, clip)
         # Inference-only settings may be overridden on a trained run (κ, η, steps; not the decoders).
-        inference = ("guidance_scale", "guidance_strength", "num_steps", "strength", "cfg_scale", "sag_scale")
+        inference = (
+            "guidance_scale",
+            "guidance_strength",
+            "num_steps",
+            "strength",
+            "cfg_scale",
+            "sag_scale",
+            "guidance_precision",
+        )
         for name in inference:
             setattr(nd.config, name, getattr(world_cfg, name))
         res.setdefault("fit_seconds", {})["neuraldiffuser"] = (
@@ -424,19 +439,24 @@ def main(argv=None) -> int:
                 for samples in (1, 2):
                     label = f"sag {sag_scale:g}, {samples} sample(s)"
                     best = {}
-                    for variant in ("unguided", "guided") * 4:
+                    runs = (("unguided", "float32"), ("guided", "float32"), ("guided", "bfloat16"))
+                    for variant, precision in runs * 4:
                         t0, c0 = time.perf_counter(), time.process_time()
                         kw = dict(samples=samples, seed=0, variant=variant, sag_scale=sag_scale)
-                        nd.reconstruct(betas[:m], **kw)
+                        nd.reconstruct(betas[:m], guidance_precision=precision, **kw)
                         wall, cpu = (time.perf_counter() - t0) / m, (time.process_time() - c0) / m
-                        old = best.get(variant, (np.inf, np.inf))
-                        best[variant] = (min(old[0], wall), min(old[1], cpu))  # best of 4; the first warms up
-                    times[label] = {
-                        "guided_s": best["guided"][0],
-                        "unguided_s": best["unguided"][0],
-                        "ratio_wall": best["guided"][0] / best["unguided"][0],
-                        "ratio_cpu": best["guided"][1] / best["unguided"][1],
-                    }
+                        old = best.get((variant, precision), (np.inf, np.inf))
+                        # best of 4; the first warms up
+                        best[variant, precision] = (min(old[0], wall), min(old[1], cpu))
+                    unguided = best["unguided", "float32"]
+                    times[label] = {"unguided_s": unguided[0]}
+                    for precision in ("float32", "bfloat16"):
+                        guided = best["guided", precision]
+                        times[label] |= {
+                            f"guided_{precision}_s": guided[0],
+                            f"ratio_{precision}_wall": guided[0] / unguided[0],
+                            f"ratio_{precision}_cpu": guided[1] / unguided[1],
+                        }
             res["timing"] = times
             save_results(out, results)
             print(key, times)

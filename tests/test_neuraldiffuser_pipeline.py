@@ -171,3 +171,43 @@ def test_voting_retrieval_perfect_chance_and_shapes():
     assert cosine_similarities(layers[0], layers[0]).diagonal() == pytest.approx(np.ones(40))
     with pytest.raises(ValueError, match="same non-zero number of layers"):
         voting_retrieval(layers[:2], layers)
+
+
+def test_bfloat16_guidance_branch_points_the_same_way_as_float32(tiny_ld):
+    """``precision="bfloat16"`` only changes the arithmetic of the decode + features: the correction it adds
+    to ``ε`` agrees with the float32 one (cosine ≥ 0.99) and stays float32."""
+    from types import SimpleNamespace
+
+    clip = TinyFeatures()
+    _, latents = _inputs(2)
+    goal = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    targets = clip.image_hidden_states(goal, [1, 2])
+    eps_net = nn.Conv2d(4, 4, 3, padding=1)
+    torch.manual_seed(0)
+    corrections = {}
+    for precision in ("float32", "bfloat16"):
+        hook = FeatureGuidance(
+            targets,
+            tiny_ld.decode_latents,
+            lambda x: clip.image_hidden_states(x, [1, 2]),
+            guidance_scale=50.0,
+            guided_steps=1,
+            precision=precision,
+        )
+        z_t = latents.clone().requires_grad_(True)
+        eps = eps_net(z_t)
+        state = SimpleNamespace(
+            step_index=0,
+            latents=z_t,
+            noise_pred_cond=eps,
+            noise_pred=eps.detach(),
+            alpha_prod_t=torch.tensor(0.5),
+        )
+        out = hook(state)
+        assert out.dtype == torch.float32
+        corrections[precision] = (out - eps.detach()).flatten()
+    cosine = torch.nn.functional.cosine_similarity(corrections["float32"], corrections["bfloat16"], dim=0)
+    assert corrections["float32"].abs().max() > 0
+    assert cosine > 0.99
+    with pytest.raises(ValueError, match="precision"):
+        FeatureGuidance(targets, tiny_ld.decode_latents, clip.image_hidden_states, precision="float16")

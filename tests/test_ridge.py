@@ -184,6 +184,22 @@ def test_kfold_exact_rejects_bad_alphas_and_folds():
         kfold_exact_ridge(X, Y, [1.0], folds, factorization="qr")
 
 
+def test_spd_inverse_reads_the_lower_triangle_and_falls_back_when_not_definite():
+    from fmrirecon.methods.ridge.model import _spd_inverse
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 30, generator=g, dtype=torch.float64)
+    spd = a @ a.T / 30 + torch.eye(12, dtype=torch.float64)
+    # The fold blocks come as lower triangles (syrk); what lies above the diagonal must not matter.
+    lower_only = spd.tril() + torch.triu(torch.full_like(spd, 7.0), 1)
+    torch.testing.assert_close(_spd_inverse(lower_only), torch.linalg.inv(spd))
+    indefinite = spd - 2.0 * torch.eye(12, dtype=torch.float64)  # symmetric, not positive definite
+    torch.testing.assert_close(
+        _spd_inverse(indefinite.tril() + torch.triu(torch.full_like(spd, 7.0), 1)),
+        torch.linalg.inv(indefinite),
+    )
+
+
 @pytest.mark.parametrize(("shape", "himalaya"), [((90, 20), "primal"), ((20, 60), "kernel")])
 def test_kfold_exact_agrees_with_himalaya(shape, himalaya):
     X, Y = planted_problem(*shape, seed=3)

@@ -91,6 +91,7 @@ class NeuralDiffuserMethodConfig:
     tweedie: Literal["paper", "code"] = "paper"
     clip_normalization: Literal["clip", "imagenet"] = "clip"
     layer_factors: tuple[float, ...] = PAPER_LAYER_FACTORS
+    guidance_precision: Literal["float32", "bfloat16"] = "float32"
     use_prior: bool = True
     progress: bool = True
 
@@ -302,6 +303,7 @@ class NeuralDiffuser(ReconMethod):
             tweedie=cfg.tweedie,
             clip_normalization=cfg.clip_normalization,
             layer_factors=tuple(cfg.layer_factors),
+            guidance_precision=cfg.guidance_precision,
         )
         for key, value in overrides.items():
             if not hasattr(settings, key):
