@@ -1,9 +1,10 @@
 """Ridge alpha search: fmrirecon's ``fit_ridge_cv`` solvers vs scikit-learn refitting ``Ridge`` for every
 alpha and fold.
 
-Solvers: ``kfold_exact`` (the default, ``auto``: one ridge fit per alpha on all trials, held-out residuals by
-the deletion identity), ``primal`` / ``kernel`` (himalaya RidgeCV / KernelRidgeCV: one decomposition per fold
-serves all alphas).
+Solvers: ``kfold_exact`` (one ridge fit per alpha on all trials by Cholesky, held-out residuals by the
+deletion identity), ``kfold_eigh`` (the same identity from one eigendecomposition of XᵀX shared by all alphas),
+``auto`` (what fmrirecon uses: ``kfold_eigh`` for N ≥ V and more than 2 alphas, else ``kfold_exact``),
+``primal`` / ``kernel`` (himalaya RidgeCV / KernelRidgeCV: one decomposition per fold serves all alphas).
 
 The NSD-sized problem is about 24,000 trials x 15,724 voxels (subj01 nsdgeneral) -> a 4x64x64 SD latent
 (16,384 targets), float32, 8 alphas, 5-fold CV, alpha chosen per target. ``--scale`` shrinks trials and

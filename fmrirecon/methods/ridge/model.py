@@ -18,10 +18,10 @@ predictions and K small ``n_val x n_val`` solves instead of K refits. For N ≥ 
 ``"kfold_eigh"``: the same identity with one eigendecomposition ``XᵀX = QΛQᵀ`` shared by all alphas
 (N ≥ V): with ``P = XQ`` and ``B = QᵀXᵀY``, ``H_vv = P_v (Λ + αI)⁻¹ P_vᵀ`` and ``Ŷ = P (Λ + αI)⁻¹ B``, so
 an alpha costs one N x V x T product and the fold blocks, with no factorisation or triangular solve.
-LAPACK's symmetric eigensolver runs its tridiagonal reduction at matrix-vector speed (about 4 min for
-V = 15,724 on 2 cores, the cost of about two alphas of the Cholesky form), so it pays off from a few alphas
-on; ``"auto"`` picks it for N ≥ V and more than 2 alphas, the Cholesky form otherwise
-(benchmarks/bench_ridge.py).
+LAPACK's symmetric eigensolver runs its tridiagonal reduction at matrix-vector speed (the set-up, XᵀX +
+eigh + P + B, takes about 5 min at NSD size on 2 cores, the cost of about two alphas of the Cholesky form), so
+it pays off from a few alphas on; ``"auto"`` picks it for N ≥ V and more than 2 alphas, the Cholesky form
+otherwise (benchmarks/bench_ridge.py: 841 s for 8 alphas at NSD size vs 1270 s for the Cholesky form).
 
 ``"primal"`` / ``"kernel"``: himalaya's RidgeCV (one SVD of the training voxels per fold) and KernelRidgeCV
 (one eigendecomposition of the linear kernel per fold); same search, kept for comparison.
