@@ -2,7 +2,7 @@
 alpha and fold.
 
 Solvers: ``kfold_exact`` (one ridge fit per alpha on all trials by Cholesky, held-out residuals by the
-deletion identity), ``kfold_eigh`` (the same identity from one eigendecomposition of XᵀX shared by all alphas),
+deletion identity), ``kfold_eigh`` (the same identity from one eigendecomposition of XᵀX for all alphas),
 ``auto`` (what fmrirecon uses: ``kfold_eigh`` for N ≥ V and more than 2 alphas, else ``kfold_exact``),
 ``primal`` / ``kernel`` (himalaya RidgeCV / KernelRidgeCV: one decomposition per fold serves all alphas).
 
