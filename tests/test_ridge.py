@@ -200,6 +200,25 @@ def test_spd_inverse_reads_the_lower_triangle_and_falls_back_when_not_definite()
     )
 
 
+def test_eigen_fold_block_by_syrk_equals_the_explicit_hat_block():
+    from fmrirecon.methods.ridge.model import _EigenRidge
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    ridge = _EigenRidge(X, torch.randn(40, 3, generator=g, dtype=torch.float64))
+    ridge.set_alpha(3.0)
+    rows = slice(8, 16)
+    hat = X[rows] @ torch.linalg.solve(X.T @ X + 3.0 * torch.eye(12, dtype=X.dtype), X[rows].T)
+    explicit = torch.eye(8, dtype=X.dtype) - hat
+    torch.testing.assert_close(ridge.identity_minus_hat_block(rows).tril(), explicit.tril())  # BLAS syrk
+    # Off the BLAS path (a dtype scipy has no syrk for, like a GPU tensor would be): the plain product.
+    ridge.projected = ridge.projected.to(torch.bfloat16)
+    ridge.shrink = ridge.shrink.to(torch.bfloat16)
+    block = ridge.identity_minus_hat_block(rows)
+    assert block.dtype == torch.bfloat16
+    torch.testing.assert_close(block.double(), explicit, atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize(("shape", "himalaya"), [((90, 20), "primal"), ((20, 60), "kernel")])
 def test_kfold_exact_agrees_with_himalaya(shape, himalaya):
     X, Y = planted_problem(*shape, seed=3)

@@ -383,6 +383,8 @@ class _EigenRidge:
         from scipy.linalg.blas import dsyrk, ssyrk
 
         scaled = self.projected[rows] * self.shrink.sqrt()  # P_v D^½, (n_val, V), C order
+        if scaled.device.type != "cpu" or scaled.dtype not in (torch.float32, torch.float64):
+            return torch.eye(len(scaled), dtype=scaled.dtype, device=scaled.device) - scaled @ scaled.T
         syrk = ssyrk if scaled.dtype == torch.float32 else dsyrk
         # C-order (n_val, V) is F-order (V, n_val): trans=1 gives (P_v D^½)(P_v D^½)ᵀ without a copy.
         hat = torch.from_numpy(syrk(1.0, scaled.numpy().T, trans=1, lower=1))
