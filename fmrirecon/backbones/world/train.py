@@ -214,7 +214,8 @@ def train_clip(cfg: WorldTrainConfig, world, work_dir: Path):
     rng = np.random.default_rng(cfg.train_seed + start)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
 
-    prompts = [f"a {category}" for category in CATEGORIES]
+    # the zero-shot prompts ride along in the text batch only when their loss term is on
+    prompts = [f"a {category}" for category in CATEGORIES] if cfg.clip_category_weight else []
     primary = torch.from_numpy(np.asarray(world.primary_category))
 
     def step_fn(step):
