@@ -88,6 +88,11 @@ def test_training_stages_learn_freeze_what_they_must_and_resume(tmp_path):
     assert any(not torch.equal(v, vision_before[k]) for k, v in clip.model.vision_model.state_dict().items())
     vae = train_vae(cfg, world, tmp_path)
     assert vae.config.scaling_factor > 0
+    # the autoencoder decodes posterior means, so its saved posterior is a point mass: sample() == mean
+    with torch.no_grad():
+        posterior = vae.encode(images[:4] * 2 - 1).latent_dist
+    assert posterior.std.max() < 1e-6
+    torch.testing.assert_close(posterior.sample(), posterior.mean, atol=1e-5, rtol=0)
     # stage 4 moves the decoder only: latents (the UNet's inputs) must stay bit-identical
     with torch.no_grad():
         latents_before = vae.encode(images[:4] * 2 - 1).latent_dist.mean
@@ -111,6 +116,11 @@ class TestShippedWeights:
         assert ld.text_encoder is clip.model.text_model and ld.tokenizer is clip.tokenizer
         assert ld.image_size == 64 and ld.latent_shape == (4, 16, 16)
         assert ld.vae.config.scaling_factor != 1.0  # set from the training latents
+        # sampled latents (NeuralDiffuser's targets) are the posterior means the UNet was trained on
+        images = torch.from_numpy(make_world(4, seed=2000).images).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            sampled = ld.encode_images(images, sample=True, generator=torch.Generator().manual_seed(0))
+            torch.testing.assert_close(sampled, ld.encode_images(images), atol=1e-5, rtol=0)
         torch.testing.assert_close(ld.encode_text(["a red ball"]), clip.text_tokens(["a red ball"]))
 
     def test_files_are_small_safetensors(self):

@@ -336,8 +336,8 @@ def train_vae(cfg: WorldTrainConfig, world, work_dir: Path):
         x = images[rng.choice(len(images), size=cfg.vae_batch, replace=False)] * 2 - 1
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.vae_bf16):
             posterior = vae.encode(x).latent_dist
-            # decode the posterior mean: with a KL weight this small the posterior collapses to its mean
-            # anyway, and the sampling noise of the untrained log-variance only slows the start down
+            # decode the posterior mean (a deterministic autoencoder; make_posterior_deterministic below
+            # makes the saved posterior say so)
             recon = vae.decode(posterior.mean).sample.float()
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -352,7 +352,28 @@ def train_vae(cfg: WorldTrainConfig, world, work_dir: Path):
             [vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean for i in range(0, 2048, 256)]
         )
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    make_posterior_deterministic(vae)
     return vae
+
+
+LOGVAR_MIN = -30.0  # diffusers' DiagonalGaussianDistribution clamps log-variances to [-30, 20]
+
+
+@torch.no_grad()
+def make_posterior_deterministic(vae) -> None:
+    """Pin the VAE posterior's log-variance at ``LOGVAR_MIN`` (σ = e^-15), so ``latent_dist.sample()`` equals
+    ``latent_dist.mean`` to about 1e-7; the mean is untouched.
+
+    The world VAE decodes the posterior mean during training, so its log-variance head is shaped only by the
+    tiny KL term, which pulls it toward the prior (σ = 1, i.e. 1.3 in scaled units, more than the latents'
+    own spread). Sampling from that posterior (as NeuralDiffuser's targets do, following the authors' code for
+    SD, whose posterior σ is negligible) would add noise the decoder never saw. Pinning the log-variance makes
+    the saved model describe the autoencoder it was trained as.
+    """
+    channels = vae.config.latent_channels
+    conv = vae.quant_conv if getattr(vae, "quant_conv", None) is not None else vae.encoder.conv_out
+    conv.weight[channels:].zero_()
+    conv.bias[channels:].fill_(LOGVAR_MIN)
 
 
 def train_vae_decoder(cfg: WorldTrainConfig, world, vae, work_dir: Path):
@@ -465,9 +486,18 @@ def save_world_weights(weights_dir: Path, clip=None, vae=None, unet=None) -> Non
             with atomic_path(ld_dir / name) as tmp:
                 # float16 keeps the UNet file under 8 MB; loading casts back to float32
                 (copy.deepcopy(module).half() if name == "unet" else module).save_pretrained(tmp)
+                _drop_local_path(tmp / "config.json")
     if not (ld_dir / "scheduler").is_dir():
         with atomic_path(ld_dir / "scheduler") as tmp:
             DDIMScheduler(**world_scheduler_config()).save_pretrained(tmp)
+
+
+def _drop_local_path(config_path: Path) -> None:
+    """Remove the ``_name_or_path`` diffusers writes for a model loaded from a folder (a local path has no
+    place in shipped weights)."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.pop("_name_or_path", None) is not None:
+        write_json_atomic(config_path, config)
 
 
 @torch.no_grad()
