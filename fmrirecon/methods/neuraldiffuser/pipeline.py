@@ -73,9 +73,10 @@ class FeatureGuidance:
         guided_steps: how many of the steps that run are guided (``⌊η · steps run⌋``; η = 0.2 of 37 → 7).
         tweedie: ``"paper"`` (Eq. 11) or ``"code"`` (``1 − ᾱ_t`` in place of its square root).
         factors: per-layer weight factors (code: 1.5, 1.2, 1, 1, 1, 1).
-        precision: ``"float32"``, or ``"bfloat16"`` to run the VAE decode and the CLIP features of the
-            guidance branch (forward and backward) under bfloat16 autocast; the UNet pass, the loss and the
-            gradient that enters ``ε̂`` stay float32. A speed option, not in the paper.
+        precision: ``"float32"``, or ``"bfloat16"`` to run the guidance branch's VAE decode (forward and
+            backward) under bfloat16 autocast, the dominant cost of the branch at every size; the UNet pass,
+            the CLIP features (cheaper in float32 at world size, ~1 % of the step at SD size), the loss and
+            the gradient that enters ``ε̂`` stay float32. A speed option, not in the paper.
         history: the unscaled guidance loss ``Σ_l w_l·MSE_l`` (batch mean) at each guided step, filled in.
     """
 
@@ -129,7 +130,8 @@ class FeatureGuidance:
         z0_hat = (z_t - noise_coef * eps) / alpha_bar.sqrt()  # Eq. 11
         z_t_hat = sigma * z0_hat + (1 - sigma) * z_t  # Eq. 12
         with torch.autocast(z_t.device.type, torch.bfloat16, enabled=self.precision == "bfloat16"):
-            feats = self.features(self.decode(z_t_hat))
+            images = self.decode(z_t_hat)
+        feats = self.features(images.float())
         per_sample = self.feature_loss(feats)
         self.history.append(float(per_sample.mean().detach()))
         # Summing over the batch keeps each sample's gradient independent of the batch size.
@@ -148,7 +150,7 @@ class ReconstructionSettings:
         sag_scale: self-attention guidance on every step, both variants (released code: 0.75; 0 = off).
         tweedie, clip_normalization: the paper's formula and CLIP normalisation, or the released code's.
         layer_factors: per-layer weight factors of the guidance loss.
-        guidance_precision: ``"bfloat16"`` runs the guidance branch's VAE decode and CLIP under autocast
+        guidance_precision: ``"bfloat16"`` runs the guidance branch's VAE decode under autocast
             (:class:`FeatureGuidance`); ``"float32"`` (default) everywhere.
     """
 
