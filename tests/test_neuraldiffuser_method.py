@@ -222,3 +222,34 @@ def test_targets_average_the_five_captions(fitted):
     captions = PreparedStore(store).captions(np.array([image_id]))[0]
     torch.testing.assert_close(targets["text"][i], ld.encode_text(captions).mean(0))
     assert targets["latent"].shape[1:] == (4, 8, 8) and targets["layer2"].shape[1:] == (16, 6)
+
+
+def test_cached_targets_follow_the_backbones(fitted):
+    """A run's cached targets are reused only for the same backbones and settings (a retrained VAE, e.g. the
+    world VAE whose posterior was pinned to its mean, must not leave stale latents behind)."""
+    from safetensors.torch import load_file
+
+    from fmrirecon.data.store import PreparedStore
+    from fmrirecon.methods.neuraldiffuser.train import cached_targets
+
+    method, store, run_dir = fitted
+    ld, clip = method._backbones
+    path = run_dir / "targets.safetensors"
+    ids = load_file(path)["ids"].numpy()
+    kwargs = dict(ld=ld, clip=clip, layers=(1, 2), site="block", sample_latents=True, seed=0, progress=False)
+    before = path.stat().st_mtime_ns
+    reused = cached_targets(path, PreparedStore(store), ids, **kwargs)
+    assert path.stat().st_mtime_ns == before  # same backbones and settings: read back, not recomputed
+    with torch.no_grad():
+        ld.vae.quant_conv.bias[0] += 1.0  # the latents' first channel moves
+    try:
+        fresh = cached_targets(path, PreparedStore(store), ids, **kwargs)
+    finally:
+        with torch.no_grad():
+            ld.vae.quant_conv.bias[0] -= 1.0
+    assert not torch.allclose(fresh["latent"], reused["latent"])
+    torch.testing.assert_close(fresh["text"], reused["text"])
+    # back to the original backbones: recomputed again, to the very same targets
+    restored = cached_targets(path, PreparedStore(store), ids, **kwargs)
+    for key, value in reused.items():
+        torch.testing.assert_close(restored[key], value, rtol=0, atol=0)

@@ -3,7 +3,7 @@
 Targets per image (reference/method-notes.md): the VAE latent ``z`` (the image resized to the backbone's
 native size), the text condition ``c`` = text-encoder tokens averaged over the image's 5 captions, and the
 guidance features ``g^l`` = CLIP image-encoder layer outputs. They are computed once per run and cached in
-``RUN/targets.safetensors``.
+``RUN/targets.safetensors``, keyed by a fingerprint of the backbones and settings they came from.
 
 Each decoder (``semantic``, ``guidance.layer<l>``, ``latent``) trains in two stages, each a :class:`Trainer`
 stage that resumes on its own:
@@ -74,16 +74,42 @@ def compute_targets(
     return result
 
 
+def targets_fingerprint(ld, clip, **settings) -> str:
+    """SHA-256 (hex) of everything the targets depend on besides the images: the VAE, the text encoder and
+    the CLIP embedder (every parameter and buffer: names, shapes, dtypes, bytes), the VAE scaling, and
+    ``settings`` (layers, site, sampling, seed)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for module in (ld.vae, ld.text_encoder, clip):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    scaling = (ld.vae.config.scaling_factor, getattr(ld.vae.config, "shift_factor", None))
+    digest.update(repr((scaling, sorted(settings.items()))).encode())
+    return digest.hexdigest()
+
+
 def cached_targets(path: Path, store, ids_73k: np.ndarray, **kwargs) -> dict[str, torch.Tensor]:
-    """:func:`compute_targets`, cached in ``path`` (recomputed if the cached ids or layers differ)."""
+    """:func:`compute_targets`, cached in ``path``; recomputed when the cached ids or layers differ or the
+    backbones or target settings changed (:func:`targets_fingerprint`, kept in the file's metadata)."""
+    from safetensors import safe_open
+
     ids = np.asarray(ids_73k, dtype=np.int64)
     wanted = {"text", "latent", "ids"} | {f"layer{l}" for l in kwargs.get("layers", ())}
+    settings = {k: v for k, v in kwargs.items() if k not in ("ld", "clip", "progress", "batch_size")}
+    settings["layers"] = list(settings.get("layers", ()))
+    fingerprint = targets_fingerprint(kwargs["ld"], kwargs["clip"], **settings)
     if path.is_file():
+        with safe_open(path, framework="pt") as f:
+            stored = (f.metadata() or {}).get("fingerprint")
         cached = load_file(path)
-        if set(cached) == wanted and np.array_equal(cached["ids"].numpy(), ids):
+        if stored == fingerprint and set(cached) == wanted and np.array_equal(cached["ids"].numpy(), ids):
             return cached
     targets = compute_targets(store, ids, **kwargs)
-    save_safetensors_atomic({k: v.contiguous() for k, v in targets.items()}, path)
+    save_safetensors_atomic(
+        {k: v.contiguous() for k, v in targets.items()}, path, {"fingerprint": fingerprint}
+    )
     return targets
 
 
