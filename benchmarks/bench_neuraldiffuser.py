@@ -357,7 +357,7 @@ def main(argv=None) -> int:
                 recons = nd.reconstruct(betas, samples=args.samples, seed=0, variant=variant)
                 rows[variant] = image_metrics(recons, truths, clip) | {"seconds": time.perf_counter() - t0}
                 np.save(out / f"recons_{key}_{variant}.npy", recons)
-            # The speed option: the guidance branch's decode + CLIP under bfloat16 autocast, same seeds.
+            # The other guidance precision (bfloat16 = VAE decode under autocast), same seeds.
             other = "bfloat16" if nd.config.guidance_precision == "float32" else "float32"
             t0 = time.perf_counter()
             recons = nd.reconstruct(betas, samples=args.samples, seed=0, guidance_precision=other)

@@ -41,7 +41,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fmrirecon.io import atomic_path, library_versions, save_safetensors_atomic, write_json_atomic
+from fmrirecon.io import (
+    atomic_path,
+    library_versions,
+    read_json,
+    save_safetensors_atomic,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -495,7 +501,7 @@ def save_world_weights(weights_dir: Path, clip=None, vae=None, unet=None) -> Non
 def _drop_local_path(config_path: Path) -> None:
     """Remove the ``_name_or_path`` diffusers writes for a model loaded from a folder (a local path has no
     place in shipped weights)."""
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json(config_path)
     if config.pop("_name_or_path", None) is not None:
         write_json_atomic(config_path, config)
 

@@ -103,9 +103,10 @@ def cached_targets(path: Path, store, ids_73k: np.ndarray, **kwargs) -> dict[str
     if path.is_file():
         with safe_open(path, framework="pt") as f:
             stored = (f.metadata() or {}).get("fingerprint")
-        cached = load_file(path)
-        if stored == fingerprint and set(cached) == wanted and np.array_equal(cached["ids"].numpy(), ids):
-            return cached
+        if stored == fingerprint:  # read the (possibly GB-sized) tensors only when they can be reused
+            cached = load_file(path)
+            if set(cached) == wanted and np.array_equal(cached["ids"].numpy(), ids):
+                return cached
     targets = compute_targets(store, ids, **kwargs)
     save_safetensors_atomic(
         {k: v.contiguous() for k, v in targets.items()}, path, {"fingerprint": fingerprint}
