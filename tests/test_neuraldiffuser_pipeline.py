@@ -202,6 +202,7 @@ def test_bfloat16_guidance_branch_points_the_same_way_as_float32(tiny_ld):
             noise_pred_cond=eps,
             noise_pred=eps.detach(),
             alpha_prod_t=torch.tensor(0.5),
+            prediction_type="epsilon",
         )
         out = hook(state)
         assert out.dtype == torch.float32
@@ -211,3 +212,44 @@ def test_bfloat16_guidance_branch_points_the_same_way_as_float32(tiny_ld):
     assert cosine > 0.99
     with pytest.raises(ValueError, match="precision"):
         FeatureGuidance(targets, tiny_ld.decode_latents, clip.image_hidden_states, precision="float16")
+
+
+def test_v_prediction_unet_gets_the_same_guidance_as_an_epsilon_one(tiny_ld):
+    """Algorithm 1 is written for ε; a v-predicting UNet (SD 2.x) is the same model in another
+    parameterisation, v = √ᾱ·ε − σ·z0 = (ε − σ·z_t)/√ᾱ, so the hook must return the v that corresponds to the
+    ε-model's ε̂ (and read the same Tweedie x̂0)."""
+    from types import SimpleNamespace
+
+    clip = TinyFeatures()
+    _, latents = _inputs(2)
+    goal = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    targets = clip.image_hidden_states(goal, [1, 2])
+    eps_net = nn.Conv2d(4, 4, 3, padding=1)
+    alpha_bar = torch.tensor(0.3)
+    sigma = (1 - alpha_bar).sqrt()
+    out, histories = {}, {}
+    for kind in ("epsilon", "v_prediction"):
+        hook = FeatureGuidance(
+            targets,
+            tiny_ld.decode_latents,
+            lambda x: clip.image_hidden_states(x, [1, 2]),
+            guidance_scale=50.0,
+            guided_steps=1,
+        )
+        z_t = latents.clone().requires_grad_(True)
+        eps = eps_net(z_t)
+        pred = eps if kind == "epsilon" else (eps - sigma * z_t) / alpha_bar.sqrt()
+        state = SimpleNamespace(
+            step_index=0,
+            latents=z_t,
+            noise_pred_cond=pred,
+            noise_pred=pred.detach(),
+            alpha_prod_t=alpha_bar,
+            prediction_type=kind,
+        )
+        out[kind] = hook(state)
+        histories[kind] = hook.history
+    torch.testing.assert_close(histories["v_prediction"], histories["epsilon"])
+    eps_hat_from_v = alpha_bar.sqrt() * out["v_prediction"] + sigma * latents
+    assert (out["epsilon"] - eps_net(latents)).abs().max() > 1e-3  # the guidance did move ε
+    torch.testing.assert_close(eps_hat_from_v, out["epsilon"], atol=1e-5, rtol=1e-4)

@@ -49,6 +49,8 @@ class StepState:
         noise_pred_uncond: the unconditional branch's prediction, or ``None`` without CFG.
         alpha_prod_t: ``alpha-bar_t`` (scalar tensor), for Tweedie estimates (NeuralDiffuser Eq. 11).
         context: the conditional context ``(B, L, D)``.
+        prediction_type: what the UNet predicts (the scheduler's ``"epsilon"`` or ``"v_prediction"``); the
+            ``noise_pred*`` fields and the hook's return value are in that parameterisation.
     """
 
     step_index: int
@@ -59,6 +61,7 @@ class StepState:
     noise_pred_uncond: torch.Tensor | None
     alpha_prod_t: torch.Tensor
     context: torch.Tensor
+    prediction_type: str = "epsilon"
     _predict: Callable[[torch.Tensor], torch.Tensor] = field(repr=False, default=None)
 
     def predict_noise(self, latents: torch.Tensor) -> torch.Tensor:
@@ -308,6 +311,7 @@ def ddim_sample(
                     noise_pred_uncond=eps_uncond,
                     alpha_prod_t=scheduler.alphas_cumprod[int(t)].to(device),
                     context=context,
+                    prediction_type=ld.scheduler.config.get("prediction_type", "epsilon"),
                     _predict=lambda z, t=t: unet(z, t, context, 1),
                 )
                 with torch.enable_grad():

@@ -11,10 +11,11 @@ steps that run, the feature-guidance correction of the noise prediction:
 
 ``ε`` for the Tweedie estimate is the conditional branch's prediction; on guided steps the sampler runs that
 branch with autograd (:meth:`FeatureGuidance.needs_graph`), so ``∇_{z_t}`` flows through the UNet, the VAE
-decoder ``D`` and the CLIP image encoder ``f`` without a second UNet pass. The released
-code's variant of Eq. 11 (``(1−ᾱ_t)`` in place of ``√(1−ᾱ_t)``) and its ImageNet normalisation of CLIP
-inputs are options (``tweedie="code"``, ``clip_normalization="imagenet"``). Self-attention guidance (SAG, 0.75
-in the released code's setup) runs in the sampler on every step, guided or not (``sag_scale``).
+decoder ``D`` and the CLIP image encoder ``f`` without a second UNet pass. A v-predicting UNet (SD 2.x) is
+handled in ε-space: ``ε = √ᾱ_t·v + √(1−ᾱ_t)·z_t`` going in, ``v̂ = v + √(1−ᾱ_t)·∇/√ᾱ_t`` coming out.
+The released code's variant of Eq. 11 (``(1−ᾱ_t)`` in place of ``√(1−ᾱ_t)``) and its ImageNet normalisation
+of CLIP inputs are options (``tweedie="code"``, ``clip_normalization="imagenet"``). Self-attention guidance
+(SAG, 0.75 in the released code's setup) runs in the sampler on every step, guided or not (``sag_scale``).
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ class FeatureGuidance:
             eps = state.predict_noise(z_t)  # conditional branch, differentiable w.r.t. z_t
         alpha_bar = state.alpha_prod_t.to(z_t)
         sigma = (1 - alpha_bar).sqrt()
+        v_prediction = state.prediction_type == "v_prediction"
+        if v_prediction:  # the UNet predicts v = √ᾱ·ε − σ·z0 (SD 2.x); Algorithm 1 is written for ε
+            eps = alpha_bar.sqrt() * eps + sigma * z_t
         noise_coef = sigma if self.tweedie == "paper" else 1 - alpha_bar
         z0_hat = (z_t - noise_coef * eps) / alpha_bar.sqrt()  # Eq. 11
         z_t_hat = sigma * z0_hat + (1 - sigma) * z_t  # Eq. 12
@@ -136,7 +140,8 @@ class FeatureGuidance:
         self.history.append(float(per_sample.mean().detach()))
         # Summing over the batch keeps each sample's gradient independent of the batch size.
         (grad,) = torch.autograd.grad(self.guidance_scale * per_sample.sum(), z_t)
-        return state.noise_pred + sigma * grad  # Algorithm 1 line 8
+        # Algorithm 1 line 8, ε̂ = ε + σ·∇; for a v-predicting UNet the same shift of ε is v + σ·∇/√ᾱ
+        return state.noise_pred + sigma * grad / (alpha_bar.sqrt() if v_prediction else 1)
 
 
 @dataclass
