@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -83,6 +85,11 @@ def test_save_then_load_offline_round_trips(clip, tmp_path, monkeypatch):
     torch.testing.assert_close(loaded.image_embeds(images()), clip.image_embeds(images()))
     torch.testing.assert_close(loaded.text_tokens(["a red cat"]), clip.text_tokens(["a red cat"]))
     torch.testing.assert_close(loaded.image_mean, clip.image_mean)
+    # saving what was loaded from a folder writes no trace of how it was loaded
+    loaded.save_pretrained(tmp_path / "again")
+    tokenizer_config = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(tokenizer_config)
+    assert tokenizer_config["model_max_length"] == clip.context_length
 
 
 def test_missing_folder_or_config_raises(tmp_path):

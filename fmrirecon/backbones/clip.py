@@ -23,6 +23,8 @@ from fmrirecon.errors import WeightsUnavailableError
 # OpenAI CLIP's normalisation (its preprocessor_config.json / the original clip package)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# keys transformers writes into tokenizer_config.json after a load from a folder (how it was loaded, not what)
+_LOAD_TIME_KEYS = ("is_local", "local_files_only", "name_or_path", "_name_or_path")
 
 
 def tokenize_texts(tokenizer, texts: list[str] | str, context_length: int) -> torch.Tensor:
@@ -91,11 +93,16 @@ class ClipEmbedder(torch.nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write ``config.json``, ``model.safetensors``, tokenizer files and ``preprocessor_config.json``."""
-        from fmrirecon.io import atomic_path, write_json_atomic
+        from fmrirecon.io import atomic_path, read_json, write_json_atomic
 
         with atomic_path(folder) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+            # a tokenizer loaded from a folder records how it was loaded; that is not part of the tokenizer
+            tokenizer_config = read_json(tmp / "tokenizer_config.json")
+            dropped = [tokenizer_config.pop(key) for key in _LOAD_TIME_KEYS if key in tokenizer_config]
+            if dropped:
+                write_json_atomic(tmp / "tokenizer_config.json", tokenizer_config)
             write_json_atomic(
                 tmp / "preprocessor_config.json",
                 {
