@@ -35,3 +35,15 @@ def test_console_entry_point_runs():
     )
     assert result.returncode == 0
     assert result.stdout.startswith("fmrirecon ")
+
+
+def test_train_world_overrides_are_typed_and_checked():
+    from fmrirecon.commands.backbones import _parse_overrides
+    from fmrirecon.errors import ConfigError
+
+    cfg = _parse_overrides(["clip_hard_negatives=false", "clip_steps=12", "clip_lr=3e-4", "vae_bf16=yes"])
+    assert cfg.clip_hard_negatives is False and cfg.vae_bf16 is True
+    assert cfg.clip_steps == 12 and cfg.clip_lr == 3e-4
+    for bad in ["clip_hard_negatives=maybe", "clip_steps=1.5", "no_such_field=1", "clip_steps"]:
+        with pytest.raises(ConfigError):
+            _parse_overrides([bad])

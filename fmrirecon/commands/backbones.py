@@ -1,7 +1,7 @@
 """``fmrirecon backbones``: inspect backbones, train the world backbones, check their quality.
 
 fmrirecon backbones info [--sd HUB_ID_OR_DIR] [--clip HUB_ID_OR_DIR]   # sizes read from the configs
-fmrirecon backbones train-world [--stages clip,vae,unet,vae_decoder,clip_vision] [--weights-dir DIR]
+fmrirecon backbones train-world [--stages clip,clip_vision,vae,unet,vae_decoder] [--weights-dir DIR]
                                 [--work-dir DIR] [--set KEY=VALUE ...]
 fmrirecon backbones check-world [--weights-dir DIR] [--n-generate 100] [--guidance-scale 4] [--out JSON]
 """
@@ -27,9 +27,9 @@ def register(subparsers) -> None:
     train = sub.add_parser("train-world", help="train the world CLIP, VAE and UNet on synthetic scenes")
     train.add_argument(
         "--stages",
-        default="clip,vae,unet",
-        help="comma-separated subset of clip,vae,unet,vae_decoder,clip_vision (default: the three stages "
-        "behind the shipped weights; vae_decoder and clip_vision are optional refinements)",
+        default="clip,clip_vision,vae,unet",
+        help="comma-separated subset of clip,vae,unet,vae_decoder,clip_vision (default: the four stages "
+        "behind the shipped weights; vae_decoder is an optional refinement)",
     )
     train.add_argument("--weights-dir", default=None, help="output weights folder (default: the package's)")
     train.add_argument(
@@ -62,12 +62,19 @@ def _parse_overrides(pairs: list[str]):
         key, sep, raw = pair.partition("=")
         if not sep or key not in fields:
             raise ConfigError(f"--set expects KEY=VALUE with KEY one of {sorted(fields)}, got {pair!r}")
-        kind = {"int": int, "float": float}.get(str(fields[key]), str)
+        kind = {"int": int, "float": float, "bool": _parse_bool}.get(str(fields[key]), str)
         try:
             values[key] = kind(raw)
         except ValueError as err:
             raise ConfigError(f"--set {key}: expected {fields[key]}, got {raw!r}") from err
     return WorldTrainConfig(**values)
+
+
+def _parse_bool(raw: str) -> bool:
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if raw.lower() not in words:
+        raise ValueError(raw)
+    return words[raw.lower()]
 
 
 def _weights_dir(arg):

@@ -44,8 +44,9 @@ def world_unet_config(cross_attention_dim: int) -> dict:
     )
 
 
-def world_scheduler_config() -> dict:
-    """SD's training schedule (scaled-linear betas 0.00085..0.012, 1000 steps, epsilon prediction)."""
+def world_scheduler_config(prediction_type: str = "epsilon") -> dict:
+    """SD's training schedule (scaled-linear betas 0.00085..0.012, 1000 steps); epsilon prediction as SD 1.x,
+    or ``"v_prediction"`` as SD 2.x."""
     return dict(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -54,14 +55,20 @@ def world_scheduler_config() -> dict:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
     )
 
 
 def world_clip_config(
-    vocab_size: int, max_length: int, *, eos_token_id: int, pad_token_id: int, bos_token_id: int
+    vocab_size: int,
+    max_length: int,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    bos_token_id: int,
+    patch_size: int = 8,
 ) -> dict:
-    """A tiny ViT/transformer CLIP for 64 px scenes (patch 16 -> 16 patches + CLS) and world captions."""
+    """A tiny ViT/transformer CLIP for 64 px scenes (patch 8 -> 64 patches + CLS) and world captions."""
     return dict(
         text_config=dict(
             vocab_size=vocab_size,
@@ -76,7 +83,7 @@ def world_clip_config(
         ),
         vision_config=dict(
             image_size=WORLD_IMAGE_SIZE,
-            patch_size=16,
+            patch_size=patch_size,
             hidden_size=128,
             intermediate_size=512,
             num_hidden_layers=3,

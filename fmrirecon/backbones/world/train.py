@@ -1,28 +1,30 @@
 """Train the world backbones on synthetic scenes and check their quality on held-out scenes.
 
-Three stages behind the shipped weights, each a plain loop (``fmrirecon backbones train-world``):
+Four stages behind the shipped weights, each a plain loop (``fmrirecon backbones train-world``):
 
 1. ``clip``: a tiny transformers ``CLIPModel`` trained with the symmetric InfoNCE loss of CLIP (Radford et
-   al. 2021, Fig. 3) on (scene, caption) pairs; the word-level tokenizer is built from the training
-   captions. Optional: category-swapped hard-negative captions (:func:`swap_categories`) and a zero-shot
-   prompt term on the primary category (``clip_hard_negatives``, ``clip_category_weight``).
+   al. 2021, Fig. 3) on (scene, caption) pairs plus a zero-shot prompt term on the scene's primary category
+   (``clip_category_weight``); the word-level tokenizer is built from the training captions. Optional:
+   category-swapped hard-negative captions (:func:`swap_categories`, ``clip_hard_negatives``).
+   ``clip_vision`` then sharpens the image side with the text transformer frozen (object shape is learnt
+   last, and only from many scenes: 48,000 rather than 6,000, benchmarks/RESULTS.md "World backbones").
 2. ``vae``: a small diffusers ``AutoencoderKL`` (64x64x3 -> 4x16x16) trained with a pixel loss plus a tiny
    KL term (LDM's "KL-reg", Rombach et al. 2022 §3); its ``scaling_factor`` is then set to 1 / std of the
    training latents (LDM §4.3.2), as SD's 0.18215 was.
 3. ``unet``: a diffusers ``UNet2DConditionModel`` on the VAE latents, conditioned on the world CLIP text
-   tower's token sequence (as SD on CLIP text), epsilon-prediction loss (DDPM, Ho et al. 2020, Eq. 14) with
-   caption dropout (the context replaced by the empty-text tokens) so classifier-free guidance works (Ho &
-   Salimans 2022).
+   tower's token sequence (as SD on CLIP text), epsilon-prediction loss (DDPM, Ho et al. 2020, Eq. 14; or
+   v-prediction, ``unet_prediction_type``) with caption dropout (the context replaced by the empty-text
+   tokens) so classifier-free guidance works (Ho & Salimans 2022), offset noise and Min-SNR-γ weighting.
 
-Training scenes come from ``make_world(n_train, seed=1000)``; held-out scenes from ``seed=2000`` (the demo's
-world uses seed 0). Captions: each step draws, per scene, its *full* caption (the most informative one: the
+Training scenes come from ``make_world(n_train, seed=1000)`` (the VAE stages use its first ``vae_n_train``;
+the scene sequence does not depend on its length); held-out scenes from ``seed=2000`` (the demo's world uses
+seed 0). Captions: each step draws, per scene, its *full* caption (the most informative one: the
 longest, naming every object with size and colour, their relation and the background) with probability
 ``full_caption_prob`` and one of its 5 captions uniformly otherwise. Quality checks use the full caption.
 
-Two optional refinements: ``vae_decoder`` (decoder fine-tuning, encoder frozen) and ``clip_vision``
-(vision tower with the text transformer frozen). Every stage checkpoints its weights (safetensors) every
-``checkpoint_every`` steps under ``work_dir`` and resumes from the last checkpoint (weights and step; the
-optimiser restarts).
+One optional refinement: ``vae_decoder`` (decoder fine-tuning, encoder frozen). Every stage checkpoints its
+weights (safetensors) every ``checkpoint_every`` steps under ``work_dir`` and resumes from the last checkpoint
+(weights and step; the optimiser restarts).
 """
 
 from __future__ import annotations
@@ -59,21 +61,23 @@ class WorldTrainConfig:
     """Hyper-parameters of ``train-world`` (defaults = the shipped weights)."""
 
     train_seed: int = 1000
-    n_train: int = 6000
+    n_train: int = 48000
+    vae_n_train: int = 6000
     heldout_seed: int = 2000
     n_heldout: int = 300
     image_size: int = 64
     full_caption_prob: float = 0.5
     # CLIP
-    clip_steps: int = 1000
+    clip_steps: int = 6000
     clip_batch: int = 64
+    clip_patch_size: int = 8
     clip_lr: float = 1e-3
-    # off for the shipped CLIP: in a 600-step trial they moved zero-shot category only from 10 % to 13 %
-    # (benchmarks/RESULTS.md, "World backbones")
+    # off for the shipped CLIP: in a 600-step trial on 6,000 scenes they moved zero-shot category only from
+    # 10 % to 13 % (benchmarks/RESULTS.md, "World backbones")
     clip_hard_negatives: bool = False
-    clip_category_weight: float = 0.0
-    clip_vision_steps: int = 800
-    clip_vision_lr: float = 3e-3
+    clip_category_weight: float = 1.0
+    clip_vision_steps: int = 6000
+    clip_vision_lr: float = 1e-3
     clip_vision_category_weight: float = 2.0
     # VAE
     vae_steps: int = 1500
@@ -88,6 +92,16 @@ class WorldTrainConfig:
     unet_batch: int = 32
     unet_lr: float = 5e-4
     caption_dropout: float = 0.1
+    # per-channel constant noise added to the training noise (offset noise, Guttenberg 2023): without it the
+    # channel means of z_t give the background away at almost every t, and the UNet learns to ignore the
+    # caption's background (benchmarks/RESULTS.md, "World backbones"); 0 = plain DDPM
+    unet_offset_noise: float = 0.1
+    # Min-SNR-γ loss weighting (Hang et al. 2023: min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR + 1) for
+    # v-prediction); 0 = uniform
+    unet_min_snr_gamma: float = 5.0
+    # "epsilon" (SD 1.x) or "v_prediction" (SD 2.x; Salimans & Ho 2022 §4): v-prediction trains the UNet on
+    # the x0 error at high noise, where an ε error is amplified by √(1−ᾱ)/√ᾱ (≈ 15 at t = 999)
+    unet_prediction_type: str = "epsilon"
     ema_decay: float = 0.999
     # bookkeeping
     checkpoint_every: int = 100
@@ -104,9 +118,9 @@ def full_caption(captions: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------- helpers
-def _images_tensor(world) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(world.images).permute(0, 3, 1, 2).float().div_(255)
+def _images_tensor(world, n: int | None = None) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1], of the first ``n`` scenes (all by default)."""
+    return torch.from_numpy(world.images[:n]).permute(0, 3, 1, 2).float().div_(255)
 
 
 def _pick_captions(world, index: np.ndarray, rng: np.random.Generator, full_prob: float) -> list[str]:
@@ -208,6 +222,7 @@ def train_clip(cfg: WorldTrainConfig, world, work_dir: Path):
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
+            patch_size=cfg.clip_patch_size,
         )
     )
     torch.manual_seed(cfg.train_seed)
@@ -333,7 +348,7 @@ def train_vae(cfg: WorldTrainConfig, world, work_dir: Path):
     vae = AutoencoderKL(**world_vae_config())
     checkpoint = _Checkpoint(work_dir, "vae")
     start = checkpoint.load(vae)
-    images = _images_tensor(world)
+    images = _images_tensor(world, cfg.vae_n_train)
     rng = np.random.default_rng(cfg.train_seed + 1 + start)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     vae.train()
@@ -388,7 +403,7 @@ def train_vae_decoder(cfg: WorldTrainConfig, world, vae, work_dir: Path):
     The latents (and so the UNet trained on them and ``scaling_factor``) do not change, so this stage can run
     after, or alongside, the UNet stage; it only sharpens the reconstructions.
     """
-    images = _images_tensor(world)
+    images = _images_tensor(world, cfg.vae_n_train)
     vae.requires_grad_(False)
     with torch.no_grad():
         means = torch.cat(
@@ -425,6 +440,7 @@ def train_unet(cfg: WorldTrainConfig, world, clip, vae, work_dir: Path):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from fmrirecon.backbones.world.models import world_scheduler_config, world_unet_config
+    from fmrirecon.errors import ConfigError
 
     images = _images_tensor(world)
     with torch.no_grad():
@@ -441,9 +457,18 @@ def train_unet(cfg: WorldTrainConfig, world, clip, vae, work_dir: Path):
     checkpoint, ema_checkpoint = _Checkpoint(work_dir, "unet"), _Checkpoint(work_dir, "unet_ema")
     start = checkpoint.load(unet)
     ema_checkpoint.load(ema)
-    noise_scheduler = DDPMScheduler(
-        **{k: v for k, v in world_scheduler_config().items() if k != "set_alpha_to_one"}
-    )
+    if cfg.unet_prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(
+            f"unet_prediction_type must be 'epsilon' or 'v_prediction', got {cfg.unet_prediction_type!r}"
+        )
+    schedule = world_scheduler_config(cfg.unet_prediction_type)
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in schedule.items() if k != "set_alpha_to_one"})
+    v_prediction = cfg.unet_prediction_type == "v_prediction"
+    alpha_bar = noise_scheduler.alphas_cumprod
+    snr = alpha_bar / (1 - alpha_bar)
+    snr_weight = torch.ones_like(snr)
+    if cfg.unet_min_snr_gamma:
+        snr_weight = snr.clamp(max=cfg.unet_min_snr_gamma) / (snr + 1 if v_prediction else snr)
     rng = np.random.default_rng(cfg.train_seed + 2 + start)
     gen = torch.Generator().manual_seed(cfg.train_seed + 2 + start)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
@@ -458,9 +483,13 @@ def train_unet(cfg: WorldTrainConfig, world, clip, vae, work_dir: Path):
             context[drop] = empty[0]
         z0 = latents[index]
         noise = torch.randn(z0.shape, generator=gen)
+        if cfg.unet_offset_noise:
+            noise = noise + cfg.unet_offset_noise * torch.randn(*z0.shape[:2], 1, 1, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=gen)
         zt = noise_scheduler.add_noise(z0, noise, t)
-        loss = F.mse_loss(unet(zt, t, encoder_hidden_states=context).sample, noise)
+        target = noise_scheduler.get_velocity(z0, noise, t) if v_prediction else noise
+        error = (unet(zt, t, encoder_hidden_states=context).sample - target).pow(2).flatten(1).mean(1)
+        loss = (error * snr_weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -478,8 +507,11 @@ def train_unet(cfg: WorldTrainConfig, world, clip, vae, work_dir: Path):
 
 
 # ---------------------------------------------------------------------- save / check
-def save_world_weights(weights_dir: Path, clip=None, vae=None, unet=None) -> None:
-    """Write the shipped layout: ``clip/`` (transformers) and ``latent_diffusion/{vae,unet,scheduler}``."""
+def save_world_weights(
+    weights_dir: Path, clip=None, vae=None, unet=None, prediction_type: str = "epsilon"
+) -> None:
+    """Write the shipped layout: ``clip/`` (transformers) and ``latent_diffusion/{vae,unet,scheduler}``; the
+    scheduler is (re)written with the UNet, in its ``prediction_type``."""
     from diffusers import DDIMScheduler
 
     from fmrirecon.backbones.world.models import world_scheduler_config
@@ -493,9 +525,9 @@ def save_world_weights(weights_dir: Path, clip=None, vae=None, unet=None) -> Non
                 # float16 keeps the UNet file under 8 MB; loading casts back to float32
                 (copy.deepcopy(module).half() if name == "unet" else module).save_pretrained(tmp)
                 _drop_local_path(tmp / "config.json")
-    if not (ld_dir / "scheduler").is_dir():
+    if unet is not None or not (ld_dir / "scheduler").is_dir():
         with atomic_path(ld_dir / "scheduler") as tmp:
-            DDIMScheduler(**world_scheduler_config()).save_pretrained(tmp)
+            DDIMScheduler(**world_scheduler_config(prediction_type)).save_pretrained(tmp)
 
 
 def _drop_local_path(config_path: Path) -> None:
@@ -604,7 +636,7 @@ def train_world(cfg: WorldTrainConfig, weights_dir: Path, work_dir: Path, stages
             weights_dir / "latent_diffusion" / "vae", local_files_only=True
         )
         unet = train_unet(cfg, world, clip, vae, work_dir)
-        save_world_weights(weights_dir, unet=unet)
+        save_world_weights(weights_dir, unet=unet, prediction_type=cfg.unet_prediction_type)
         timings["unet_s"] = time.perf_counter() - t0
     if "vae_decoder" in stages:
         from diffusers import AutoencoderKL
