@@ -101,7 +101,7 @@ class WorldTrainConfig:
     unet_min_snr_gamma: float = 5.0
     # "epsilon" (SD 1.x) or "v_prediction" (SD 2.x; Salimans & Ho 2022 §4): v-prediction trains the UNet on
     # the x0 error at high noise, where an ε error is amplified by √(1−ᾱ)/√ᾱ (≈ 15 at t = 999)
-    unet_prediction_type: str = "epsilon"
+    unet_prediction_type: str = "v_prediction"
     ema_decay: float = 0.999
     # bookkeeping
     checkpoint_every: int = 100
