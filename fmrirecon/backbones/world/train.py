@@ -574,7 +574,11 @@ def check_world_backbones(
     gen = torch.cat(
         [
             text_to_image(
-                ld, full[i : i + 50], guidance_scale=guidance_scale, num_steps=num_steps, seed=seed + i
+                ld,
+                full[i : min(i + 50, n_generate)],
+                guidance_scale=guidance_scale,
+                num_steps=num_steps,
+                seed=seed + i,
             )
             for i in range(0, n_generate, 50)
         ]
