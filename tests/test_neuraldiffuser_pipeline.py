@@ -173,27 +173,33 @@ def test_voting_retrieval_perfect_chance_and_shapes():
         voting_retrieval(layers[:2], layers)
 
 
+def _one_step_guidance(tiny_ld, **hook_options):
+    """A toy guided step: latents, a random ε network and a FeatureGuidance hook (κ = 50, one guided step)
+    whose targets are the TinyFeatures of a fixed goal image."""
+    clip = TinyFeatures()
+    _, latents = _inputs(2)
+    goal = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    hook = FeatureGuidance(
+        clip.image_hidden_states(goal, [1, 2]),
+        tiny_ld.decode_latents,
+        lambda x: clip.image_hidden_states(x, [1, 2]),
+        guidance_scale=50.0,
+        guided_steps=1,
+        **hook_options,
+    )
+    return latents, hook
+
+
 def test_bfloat16_guidance_branch_points_the_same_way_as_float32(tiny_ld):
     """``precision="bfloat16"`` only changes the arithmetic of the decode + features: the correction it adds
     to ``ε`` agrees with the float32 one (cosine ≥ 0.99) and stays float32."""
     from types import SimpleNamespace
 
-    clip = TinyFeatures()
-    _, latents = _inputs(2)
-    goal = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
-    targets = clip.image_hidden_states(goal, [1, 2])
     eps_net = nn.Conv2d(4, 4, 3, padding=1)
     torch.manual_seed(0)
     corrections = {}
     for precision in ("float32", "bfloat16"):
-        hook = FeatureGuidance(
-            targets,
-            tiny_ld.decode_latents,
-            lambda x: clip.image_hidden_states(x, [1, 2]),
-            guidance_scale=50.0,
-            guided_steps=1,
-            precision=precision,
-        )
+        latents, hook = _one_step_guidance(tiny_ld, precision=precision)
         z_t = latents.clone().requires_grad_(True)
         eps = eps_net(z_t)
         state = SimpleNamespace(
@@ -211,7 +217,7 @@ def test_bfloat16_guidance_branch_points_the_same_way_as_float32(tiny_ld):
     assert corrections["float32"].abs().max() > 0
     assert cosine > 0.99
     with pytest.raises(ValueError, match="precision"):
-        FeatureGuidance(targets, tiny_ld.decode_latents, clip.image_hidden_states, precision="float16")
+        _one_step_guidance(tiny_ld, precision="float16")
 
 
 def test_v_prediction_unet_gets_the_same_guidance_as_an_epsilon_one(tiny_ld):
@@ -220,22 +226,12 @@ def test_v_prediction_unet_gets_the_same_guidance_as_an_epsilon_one(tiny_ld):
     ε-model's ε̂ (and read the same Tweedie x̂0)."""
     from types import SimpleNamespace
 
-    clip = TinyFeatures()
-    _, latents = _inputs(2)
-    goal = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
-    targets = clip.image_hidden_states(goal, [1, 2])
     eps_net = nn.Conv2d(4, 4, 3, padding=1)
     alpha_bar = torch.tensor(0.3)
     sigma = (1 - alpha_bar).sqrt()
     out, histories = {}, {}
     for kind in ("epsilon", "v_prediction"):
-        hook = FeatureGuidance(
-            targets,
-            tiny_ld.decode_latents,
-            lambda x: clip.image_hidden_states(x, [1, 2]),
-            guidance_scale=50.0,
-            guided_steps=1,
-        )
+        latents, hook = _one_step_guidance(tiny_ld)
         z_t = latents.clone().requires_grad_(True)
         eps = eps_net(z_t)
         pred = eps if kind == "epsilon" else (eps - sigma * z_t) / alpha_bar.sqrt()
