@@ -109,8 +109,29 @@ def test_training_stages_learn_freeze_what_they_must_and_resume(tmp_path):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_unet_stage_learns_its_parameterisation_and_saves_it(tmp_path, prediction_type):
+def test_vae_gradient_term_sees_edges_not_offsets():
+    from fmrirecon.backbones.world.train import _reconstruction_loss
+
+    x = torch.from_numpy(make_world(2, seed=3).images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    plain, edges = WorldTrainConfig(), WorldTrainConfig(vae_gradient_weight=1.0)
+    shifted = x + 0.1
+    blurred = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    # a constant shift has no finite differences; a blur removes them
+    torch.testing.assert_close(
+        _reconstruction_loss(shifted, x, edges), _reconstruction_loss(shifted, x, plain)
+    )
+    extra = _reconstruction_loss(blurred, x, edges) - _reconstruction_loss(blurred, x, plain)
+    expected = sum(F.l1_loss(blurred.diff(dim=d), x.diff(dim=d)) for d in (-1, -2))
+    torch.testing.assert_close(extra, expected)
+    assert extra > 0.01
+
+
+@pytest.mark.parametrize(
+    "prediction_type, full_resolution_attention", [("epsilon", False), ("v_prediction", True)]
+)
+def test_unet_stage_learns_its_parameterisation_and_saves_it(
+    tmp_path, prediction_type, full_resolution_attention
+):
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
     from fmrirecon.backbones.world.models import world_scheduler_config, world_unet_config
@@ -127,12 +148,20 @@ def test_unet_stage_learns_its_parameterisation_and_saves_it(tmp_path, predictio
         unet_lr=2e-3,
         checkpoint_every=20,
         unet_prediction_type=prediction_type,
+        unet_full_resolution_attention=full_resolution_attention,
     )
     torch.set_num_threads(1)
     clip, vae = train_clip(cfg, world, tmp_path), train_vae(cfg, world, tmp_path)
     unet = train_unet(cfg, world, clip, vae, tmp_path)
     torch.manual_seed(cfg.train_seed + 2)  # the stage's initialisation
-    untrained = UNet2DConditionModel(**world_unet_config(clip.model.config.text_config.hidden_size))
+    untrained = UNet2DConditionModel(
+        **world_unet_config(
+            clip.model.config.text_config.hidden_size,
+            cfg.unet_block_out_channels,
+            cfg.unet_full_resolution_attention,
+        )
+    )
+    assert (unet.config.down_block_types[0] == "CrossAttnDownBlock2D") is full_resolution_attention
     # held batch: the loss the stage minimises (target = ε or v), before and after training
     schedule = world_scheduler_config(prediction_type)
     scheduler = DDPMScheduler(**{k: v for k, v in schedule.items() if k != "set_alpha_to_one"})

@@ -51,30 +51,12 @@ def register(subparsers) -> None:
 
 
 def _parse_overrides(pairs: list[str]):
-    import dataclasses
-
+    """``KEY=VALUE`` strings (values read as YAML, typed by the field: ``false``, ``3e-4``, ``[32, 64, 128]``)
+    -> a checked ``WorldTrainConfig``."""
     from fmrirecon.backbones.world.train import WorldTrainConfig
-    from fmrirecon.errors import ConfigError
+    from fmrirecon.config import apply_overrides
 
-    fields = {f.name: f.type for f in dataclasses.fields(WorldTrainConfig)}
-    values = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or key not in fields:
-            raise ConfigError(f"--set expects KEY=VALUE with KEY one of {sorted(fields)}, got {pair!r}")
-        kind = {"int": int, "float": float, "bool": _parse_bool}.get(str(fields[key]), str)
-        try:
-            values[key] = kind(raw)
-        except ValueError as err:
-            raise ConfigError(f"--set {key}: expected {fields[key]}, got {raw!r}") from err
-    return WorldTrainConfig(**values)
-
-
-def _parse_bool(raw: str) -> bool:
-    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-    if raw.lower() not in words:
-        raise ValueError(raw)
-    return words[raw.lower()]
+    return apply_overrides(WorldTrainConfig(), pairs)
 
 
 def _weights_dir(arg):

@@ -27,17 +27,25 @@ def world_vae_config() -> dict:
     )
 
 
-def world_unet_config(cross_attention_dim: int) -> dict:
-    """UNet2DConditionModel on 4x16x16 latents, text cross-attention at 8x8 and 4x4 (2.8 M parameters; shipped
-    in float16, 5.6 MB)."""
+def world_unet_config(
+    cross_attention_dim: int,
+    block_out_channels: tuple[int, ...] = (32, 64, 96),
+    full_resolution_attention: bool = False,
+) -> dict:
+    """UNet2DConditionModel on 4x16x16 latents with text cross-attention at 8x8 and 4x4, and also at 16x16
+    when ``full_resolution_attention`` (the latents' own resolution, where a small object spans two or three
+    latent pixels)."""
+    first_down, last_up = ("DownBlock2D", "UpBlock2D")
+    if full_resolution_attention:
+        first_down, last_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D")
     return dict(
         sample_size=WORLD_IMAGE_SIZE // 4,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(32, 64, 96),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=(first_down, "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", last_up),
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=4,
         norm_num_groups=32,
