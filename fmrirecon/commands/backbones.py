@@ -27,9 +27,9 @@ def register(subparsers) -> None:
     train = sub.add_parser("train-world", help="train the world CLIP, VAE and UNet on synthetic scenes")
     train.add_argument(
         "--stages",
-        default="clip,clip_vision,vae,unet",
-        help="comma-separated subset of clip,vae,unet,vae_decoder,clip_vision (default: the four stages "
-        "behind the shipped weights; vae_decoder is an optional refinement)",
+        default="clip,clip_vision,vae,unet,vae_decoder",
+        help="comma-separated subset of clip,vae,unet,vae_decoder,clip_vision (default: all five, the "
+        "stages behind the shipped weights)",
     )
     train.add_argument("--weights-dir", default=None, help="output weights folder (default: the package's)")
     train.add_argument(
