@@ -9,6 +9,8 @@
 # - ``metrics``: guided / unguided / ridge on the world test set (PixCorr, SSIM, world-CLIP 2-way);
 # - ``sweep``: κ/η grid like the paper's Tab. 2 (low-level metrics), equal seeds;
 # - ``consistency``: mean pairwise similarity of 5 seeds, guided vs unguided (Fig. 9);
+# - ``select``: 5 samples per image, the mean over samples (Tab. 1 top) vs the best of 5 by second-order
+#   selection (the sample closest to the brain-decoded guidance features, §5.2);
 # - ``retrieval``: voting retrieval with the guidance features (§5.3), top-1 of min(300, N);
 # - ``transfer``: leave-the-target-out pretraining + fine-tuning vs target only, target with ¼ of sessions;
 # - ``timing``: guided vs unguided wall time at equal steps (world backbones).
@@ -36,6 +38,7 @@ SECTIONS = (
     "sweep",
     "sag",
     "consistency",
+    "select",
     "retrieval",
     "transfer",
     "timing",
@@ -416,6 +419,16 @@ def main(argv=None) -> int:
             res["consistency"] = cons
             save_results(out, results)
             print(key, cons)
+
+        if "select" in args.only:
+            rows = {}
+            for variant in ("guided", "unguided"):
+                recons = nd.reconstruct(betas, samples=5, seed=0, variant=variant)
+                rows[f"{variant}, mean of 5"] = image_metrics(recons, truths, clip)
+                rows[f"{variant}, selected of 5"] = image_metrics(nd.select_best(betas, recons), truths, clip)
+            res["select"] = rows
+            save_results(out, results)
+            print(key, json.dumps(rows, indent=1))
 
         if "retrieval" in args.only:
             from fmrirecon.methods.neuraldiffuser.retrieval import voting_retrieval

@@ -222,12 +222,18 @@ class TestShippedWeights:
             captions = clip.text_embeds([full_caption(c) for c in heldout.captions], normalize=True)
             sim = image_embeds @ captions.T
             prompts = clip.text_embeds([f"a {category}" for category in CATEGORIES], normalize=True)
-        assert pixcorr(recon.numpy(), images.numpy()).mean() > 0.9
+        assert pixcorr(recon.numpy(), images.numpy()).mean() > 0.95
         assert (sim.argmax(1) == torch.arange(100)).float().mean() > 0.8  # image -> caption among 100
         assert np.isfinite(sim.numpy()).all()
+
         # the CLIP sees object shape: zero-shot primary category well above chance (1/12)
-        zero_shot = (image_embeds @ prompts.T).argmax(1).numpy() == np.asarray(heldout.primary_category)
-        assert zero_shot.mean() > 0.5
+        def zero_shot(embeds):
+            return ((embeds @ prompts.T).argmax(1).numpy() == np.asarray(heldout.primary_category)).mean()
+
+        assert zero_shot(image_embeds) > 0.5
+        # the VAE keeps enough of the shapes for the CLIP to read most of them (0.63 on 300 scenes)
+        with torch.no_grad():
+            assert zero_shot(clip.image_embeds(recon, normalize=True)) > 0.5
 
     def test_generated_images_follow_their_captions(self):
         """Images sampled from held-out captions are told apart by world-CLIP 2-way identification against the

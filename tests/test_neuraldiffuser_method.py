@@ -193,6 +193,14 @@ def test_reconstruct_load_and_determinism(fitted):
     assert np.array_equal(unguided, zero) and not np.array_equal(unguided, guided)
     with pytest.raises(SubjectMismatchError, match="26"):
         loaded.reconstruct(np.zeros((1, 26), np.float32))
+    # second-order selection: one of each item's K samples, the one with the lowest guidance loss
+    losses = loaded.selection_losses(betas[:2], guided, seed=3)
+    best = loaded.select_best(betas[:2], guided, seed=3)
+    assert losses.shape == (2, 2) and np.isfinite(losses).all()
+    assert best.shape == (2, 1, 16, 16, 3)
+    assert all(np.array_equal(best[i, 0], guided[i, losses[i].argmin()]) for i in range(2))
+    with pytest.raises(ValueError, match="N, K"):
+        loaded.selection_losses(betas[:2], guided[0])
 
 
 def test_retrieval_embeddings(fitted):

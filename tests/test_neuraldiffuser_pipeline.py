@@ -9,9 +9,11 @@ from torch import nn
 from fmrirecon.methods.neuraldiffuser.pipeline import (
     FeatureGuidance,
     ReconstructionSettings,
+    guidance_features,
     imagenet_as_clip_input,
     mean_pairwise_similarity,
     reconstruct_images,
+    selection_losses,
 )
 from fmrirecon.methods.neuraldiffuser.retrieval import cosine_similarities, vote_top1, voting_retrieval
 
@@ -142,6 +144,23 @@ def test_imagenet_option_maps_onto_clip_normalisation():
         [0.229, 0.224, 0.225]
     ).view(1, 3, 1, 1)
     torch.testing.assert_close(seen, expected)
+
+
+def test_selection_prefers_the_sample_whose_features_match_the_decoded_ones():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 4, 3, 16, 16, generator=g)
+    features = guidance_features(TinyFeatures(), layers=(0, 1))
+    chosen = torch.tensor([2, 0, 3])
+    # brain-decoded features = those of one sample per item, slightly perturbed
+    targets = [
+        f + 0.01 * torch.randn(f.shape, generator=g) for f in features(images[torch.arange(3), chosen])
+    ]
+    losses = selection_losses(images, targets, features)
+    assert losses.shape == (3, 4) and (losses >= 0).all()
+    assert torch.equal(losses.argmin(1), chosen)
+    # the score of a sample is the guidance loss Σ_l w_l·MSE of that sample alone
+    alone = FeatureGuidance([t[1:2] for t in targets], lambda z: z, features).loss(images[1, 2:3])
+    torch.testing.assert_close(losses[1, 2:3], alone)
 
 
 def test_mean_pairwise_similarity():

@@ -30,7 +30,9 @@ from fmrirecon.methods.neuraldiffuser.model import (
 from fmrirecon.methods.neuraldiffuser.pipeline import (
     PAPER_LAYER_FACTORS,
     ReconstructionSettings,
+    guidance_features,
     reconstruct_images,
+    selection_losses,
 )
 from fmrirecon.train import TrainConfig
 
@@ -365,6 +367,28 @@ class NeuralDiffuser(ReconMethod):
             site=self.config.guidance_site,
         )
         return (images.permute(0, 1, 3, 4, 2).numpy() * 255).round().astype(np.uint8)
+
+    @torch.no_grad()
+    def selection_losses(self, betas: np.ndarray, recons: np.ndarray, seed: int = 0) -> np.ndarray:
+        """Second-order selection scores (:func:`.pipeline.selection_losses`) of uint8 reconstructions
+        ``(N, K, H, W, 3)`` of ``betas (N, V)``: ``(N, K)``, lower = closer to the brain-decoded guidance
+        features (decoded with ``seed``, as :meth:`reconstruct` does)."""
+        recons = np.asarray(recons)
+        if recons.ndim != 5 or recons.shape[0] != len(betas):
+            raise ValueError(f"recons must be (N, K, H, W, 3) with N = {len(betas)}, got {recons.shape}")
+        decoded = self.decode(betas, seed, guided=True)
+        ld, clip = self.backbones()
+        layers = tuple(self.config.guidance_layers)
+        images = torch.from_numpy(recons).permute(0, 1, 4, 2, 3).float().to(ld.device) / 255
+        features = guidance_features(clip, layers, self.config.guidance_site, self.config.clip_normalization)
+        targets = [decoded[f"layer{l}"].to(ld.device) for l in layers]
+        losses = selection_losses(images, targets, features, tuple(self.config.layer_factors))
+        return losses.cpu().numpy()
+
+    def select_best(self, betas: np.ndarray, recons: np.ndarray, seed: int = 0) -> np.ndarray:
+        """The best of each item's K samples by :meth:`selection_losses`: uint8 ``(N, 1, H, W, 3)``."""
+        best = self.selection_losses(betas, recons, seed).argmin(axis=1)
+        return np.asarray(recons)[np.arange(len(best)), best][:, None]
 
     # ------------------------------------------------------------------------------------------ retrieval
     @torch.no_grad()

@@ -179,6 +179,21 @@ class ReconstructionSettings:
         return int(self.guidance_strength * self.steps_run)
 
 
+def guidance_features(
+    clip, layers: Sequence[int], site: str = "block", normalization: str = "clip"
+) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """The guidance feature extractor ``f``: images ``(B, 3, H, W)`` in ``[0, 1]`` → CLIP image-layer features
+    ``(B, T, W)`` per layer in ``layers`` (``normalization="imagenet"``: the released code's inputs)."""
+    layers = list(layers)
+
+    def features(images: torch.Tensor) -> list[torch.Tensor]:
+        if normalization == "imagenet":
+            images = imagenet_as_clip_input(images)
+        return clip.image_hidden_states(images, layers, site=site)
+
+    return features
+
+
 def reconstruct_images(
     ld,
     text_condition: torch.Tensor,
@@ -230,16 +245,10 @@ def reconstruct_images(
         hook = None
         if guided:
             targets = [t[i : i + 1].expand(samples, -1, -1) for t in guidance_targets]
-
-            def features(images, _layers=tuple(layers)):
-                if settings.clip_normalization == "imagenet":
-                    images = imagenet_as_clip_input(images)
-                return clip.image_hidden_states(images, list(_layers), site=site)
-
             hook = FeatureGuidance(
                 targets,
                 ld.decode_latents,
-                features,
+                guidance_features(clip, layers, site, settings.clip_normalization),
                 settings.guidance_scale,
                 settings.guided_steps,
                 settings.tweedie,
@@ -264,6 +273,28 @@ def reconstruct_images(
         with torch.no_grad():
             outputs.append(ld.decode_latents(latents).float().clamp(0, 1).cpu())
     return torch.stack(outputs)
+
+
+@torch.no_grad()
+def selection_losses(
+    images: torch.Tensor,
+    guidance_targets: Sequence[torch.Tensor],
+    features: Callable[[torch.Tensor], list[torch.Tensor]],
+    factors: Sequence[float] = PAPER_LAYER_FACTORS,
+) -> torch.Tensor:
+    """Second-order selection (§5.2: "the best reconstruction through second-order selection", as MindEye's
+    selection of the sample closest to the brain-decoded CLIP embedding): the guidance loss
+    ``Σ_l w_l · MSE(f^l(x), ĝ^l)`` of each finished sample against its item's brain-decoded features.
+
+    ``images (N, K, 3, H, W)``, ``guidance_targets`` one ``(N, T, W)`` per layer → ``(N, K)``, lower is
+    closer.
+    No ground truth is used, so the best-of-K reconstruction is a legitimate decoder output.
+    """
+    n, k = images.shape[:2]
+    targets = [t.repeat_interleave(k, dim=0) for t in guidance_targets]
+    # the same weighted loss as the guidance; its decoder is not used (the images are already decoded)
+    scorer = FeatureGuidance(targets, decode=lambda z: z, features=features, factors=factors)
+    return scorer.loss(images.flatten(0, 1)).view(n, k)
 
 
 def mean_pairwise_similarity(images: torch.Tensor) -> float:
