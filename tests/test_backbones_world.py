@@ -237,7 +237,7 @@ class TestShippedWeights:
 
     def test_generated_images_follow_their_captions(self):
         """Images sampled from held-out captions are told apart by world-CLIP 2-way identification against the
-        captions' true scenes (chance 0.5; the shipped weights reach 0.92 on 100 captions × 50 steps)."""
+        captions' true scenes (chance 0.5; the shipped weights reach 0.95 on 100 captions × 50 steps)."""
         from fmrirecon.backbones.clip import ClipEmbedder
         from fmrirecon.backbones.diffusion import LatentDiffusion
         from fmrirecon.backbones.world.train import check_world_backbones
