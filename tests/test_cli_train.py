@@ -96,3 +96,9 @@ def test_reconstruct_of_a_folder_that_is_not_a_run(setup, capsys):
     argv = ["reconstruct", "--run", str(setup["root"]), "--data", str(setup["store"]), "--out", "unused"]
     assert main(argv) == 2
     assert "is not a fmrirecon run dir" in capsys.readouterr().err
+
+
+def test_select_best_needs_a_method_with_second_order_selection(setup):
+    argv = ["reconstruct", "--run", str(setup["run"]), "--data", str(setup["store"]), "--out", "unused"]
+    with pytest.raises(SystemExit, match="ridge has no second-order selection"):
+        main(argv + ["--samples", "2", "--select-best"])

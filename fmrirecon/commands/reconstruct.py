@@ -1,4 +1,5 @@
-"""`fmrirecon reconstruct --run RUN --data STORE --out RECON_DIR [--samples K] [--seed S] [--variant V]`."""
+"""`fmrirecon reconstruct --run RUN --data STORE --out RECON_DIR [--samples K] [--seed S] [--variant V]
+[--select-best]`."""
 
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--limit", type=int, default=None, metavar="N", help="only the first N images (73k order)"
     )
+    parser.add_argument(
+        "--select-best",
+        action="store_true",
+        help="sample K images per input and keep the one the method's own brain-decoded features prefer "
+        "(second-order selection; methods with select_best, e.g. neuraldiffuser)",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -48,6 +55,10 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit("fmrirecon reconstruct: --samples must be >= 1")
     info = check_run_store(args.run, args.data)  # SubjectMismatchError if RUN was trained on another store
     method = get_method(info["method"]).load(args.run)
+    if args.select_best and not hasattr(method, "select_best"):
+        raise SystemExit(
+            f"fmrirecon reconstruct: --select-best: {info['method']} has no second-order selection"
+        )
     variant = method.resolve_variant(args.variant)
     store = PreparedStore(args.data)
     ids, betas = store.subject(info["subject"]).averaged(args.split)
@@ -57,6 +68,8 @@ def _run(args: argparse.Namespace) -> int:
         "reconstructing %d images x %d samples (%s, %s)", len(ids), args.samples, info["method"], variant
     )
     images = method.reconstruct(betas, args.samples, args.seed, variant=variant)
+    if args.select_best:
+        images = method.select_best(betas, images, args.seed)
     brain = method.brain_embeddings(betas)
     image_side = method.image_embeddings(store.images(ids)) if brain is not None else None
     write_recon_dir(
@@ -74,8 +87,9 @@ def _run(args: argparse.Namespace) -> int:
             "run": str(Path(args.run).resolve()),
             "seed": args.seed,
             "split": args.split,
+            "selected_of": args.samples if args.select_best else None,
             "versions": library_versions(),
         },
     )
-    print(f"wrote {len(ids)} x {args.samples} reconstructions to {args.out}")
+    print(f"wrote {len(ids)} x {images.shape[1]} reconstructions to {args.out}")
     return 0
