@@ -341,6 +341,7 @@ def main(argv=None) -> int:
             "cfg_scale",
             "sag_scale",
             "guidance_precision",
+            "prior_sample_steps",
         )
         for name in inference:
             setattr(nd.config, name, getattr(world_cfg, name))

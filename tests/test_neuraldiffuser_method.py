@@ -261,3 +261,23 @@ def test_cached_targets_follow_the_backbones(fitted):
     restored = cached_targets(path, PreparedStore(store), ids, **kwargs)
     for key, value in reused.items():
         torch.testing.assert_close(restored[key], value, rtol=0, atol=0)
+
+
+def test_prior_sampling_steps_are_an_inference_setting(fitted):
+    method, store, _ = fitted
+    from fmrirecon.data.store import PreparedStore
+
+    _, betas = PreparedStore(store).subject(1).averaged("test")
+    steps = method.config.prior_sample_steps
+    try:
+        decoded = {}
+        for n in (steps, 1):
+            method.config.prior_sample_steps = n
+            decoded[n] = method.decode(betas[:2], seed=0)
+    finally:
+        method.config.prior_sample_steps = steps
+    again = method.decode(betas[:2], seed=0)
+    torch.testing.assert_close(again["text"], decoded[steps]["text"])
+    assert not torch.allclose(decoded[1]["text"], decoded[steps]["text"])
+    # the latent path has no prior
+    torch.testing.assert_close(decoded[1]["latent"], decoded[steps]["latent"])

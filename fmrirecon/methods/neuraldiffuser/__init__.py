@@ -325,9 +325,9 @@ class NeuralDiffuser(ReconMethod):
         """Decoded embeddings: ``text (N, L, D)``, aligned ``latent (N, C, h, w)``, ``layer<l> (N, T, W)``."""
         model = self._require_model()
         x = torch.from_numpy(self.check_betas(betas))
-        s = self.subject
+        s, use_prior, prior_steps = self.subject, self.config.use_prior, self.config.prior_sample_steps
         out = {
-            "text": model.semantic.predict(x, s, torch.Generator().manual_seed(seed), self.config.use_prior),
+            "text": model.semantic.predict(x, s, torch.Generator().manual_seed(seed), use_prior, prior_steps),
             "latent": momentum_align(
                 model.latent.predict(x, s), model.latent_mean, model.latent_std
             ),  # Eq. 6-7
@@ -335,7 +335,7 @@ class NeuralDiffuser(ReconMethod):
         if guided:
             for l in self.config.guidance_layers:
                 out[f"layer{l}"] = model.guidance[guidance_key(l)].predict(
-                    x, s, torch.Generator().manual_seed(seed + l), self.config.use_prior
+                    x, s, torch.Generator().manual_seed(seed + l), use_prior, prior_steps
                 )
         return out
 

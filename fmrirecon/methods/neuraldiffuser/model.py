@@ -231,10 +231,12 @@ class SemanticDecoder(nn.Module):
         subject: int,
         generator: torch.Generator | None = None,
         use_prior: bool = True,
+        prior_steps: int | None = None,
     ) -> torch.Tensor:
-        """Decoded token set ``(B, T, D)``: the prior's sample conditioned on the backbone output."""
+        """Decoded token set ``(B, T, D)``: the prior's sample conditioned on the backbone output
+        (``prior_steps`` DDIM steps; default: the prior's ``sample_steps``)."""
         tokens, _ = self(betas, subject)
-        return self.prior.sample(tokens, generator=generator) if use_prior else tokens
+        return self.prior.sample(tokens, steps=prior_steps, generator=generator) if use_prior else tokens
 
     @torch.no_grad()
     def embed(self, betas: torch.Tensor, subject: int) -> torch.Tensor:
