@@ -114,8 +114,6 @@ class WorldTrainConfig:
     unet_block_out_channels: tuple[int, ...] = (32, 64, 96)
     # text cross-attention also at the latents' own 16x16 resolution (else only at 8x8 and 4x4)
     unet_full_resolution_attention: bool = False
-    # bfloat16 autocast of the UNet forward/backward (the weights, the EMA and the loss stay float32)
-    unet_bf16: bool = False
     ema_decay: float = 0.999
     # bookkeeping
     checkpoint_every: int = 100
@@ -521,9 +519,7 @@ def train_unet(cfg: WorldTrainConfig, world, clip, vae, work_dir: Path):
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=gen)
         zt = noise_scheduler.add_noise(z0, noise, t)
         target = noise_scheduler.get_velocity(z0, noise, t) if v_prediction else noise
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.unet_bf16):
-            prediction = unet(zt, t, encoder_hidden_states=context).sample.float()
-        error = (prediction - target).pow(2).flatten(1).mean(1)
+        error = (unet(zt, t, encoder_hidden_states=context).sample - target).pow(2).flatten(1).mean(1)
         loss = (error * snr_weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
