@@ -61,6 +61,19 @@ def layer_weights(targets: Sequence[torch.Tensor], factors: Sequence[float] = PA
     return out
 
 
+def weighted_feature_loss(
+    feats: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Per-sample ``Σ_l w_l · MSE(f^l, ĝ^l)`` in float32 (Eq. 14 without κ): ``(B,)``."""
+    if len(feats) != len(targets):
+        raise ValueError(f"feature extractor returned {len(feats)} layers, expected {len(targets)}")
+    total = 0.0
+    for feat, target, weight in zip(feats, targets, weights):
+        feat = feat.float()
+        total = total + weight.to(feat) * ((feat - target.to(feat)) ** 2).flatten(1).mean(1)
+    return total
+
+
 @dataclass
 class FeatureGuidance:
     """Step hook of :func:`fmrirecon.backbones.sampling.ddim_sample` implementing Algorithm 1 lines 4–9.
@@ -104,14 +117,7 @@ class FeatureGuidance:
 
     def feature_loss(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-sample ``Σ_l w_l · MSE(feats_l, ĝ^l)`` in float32: ``(B,)``."""
-        if len(feats) != len(self.targets):
-            raise ValueError(f"feature extractor returned {len(feats)} layers, expected {len(self.targets)}")
-        total = 0.0
-        for feat, target, weight in zip(feats, self.targets, self.weights):
-            feat = feat.float()
-            target = target.to(feat)
-            total = total + weight.to(feat) * ((feat - target) ** 2).flatten(1).mean(1)
-        return total
+        return weighted_feature_loss(feats, self.targets, self.weights)
 
     def needs_graph(self, step_index: int) -> bool:
         """The sampler keeps the conditional branch's graph on the guided steps (no second UNet pass)."""
@@ -292,9 +298,8 @@ def selection_losses(
     """
     n, k = images.shape[:2]
     targets = [t.repeat_interleave(k, dim=0) for t in guidance_targets]
-    # the same weighted loss as the guidance; its decoder is not used (the images are already decoded)
-    scorer = FeatureGuidance(targets, decode=lambda z: z, features=features, factors=factors)
-    return scorer.loss(images.flatten(0, 1)).view(n, k)
+    loss = weighted_feature_loss(features(images.flatten(0, 1)), targets, layer_weights(targets, factors))
+    return loss.view(n, k)
 
 
 def mean_pairwise_similarity(images: torch.Tensor) -> float:
