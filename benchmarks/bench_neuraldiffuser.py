@@ -123,8 +123,12 @@ def fit(name: str, store, subject: int, run_dir: Path, overrides=(), seed: int =
 
 
 # %% metrics
-def image_metrics(recons: np.ndarray, truths: np.ndarray, clip) -> dict:
-    """recons uint8 (N, K, H, W, 3), truths uint8 (N, H, W, 3) → means over images and samples."""
+def image_metrics(recons: np.ndarray, truths: np.ndarray, clip, per_image: dict | None = None) -> dict:
+    """recons uint8 (N, K, H, W, 3), truths uint8 (N, H, W, 3) → means over images and samples.
+
+    ``per_image``, if given, receives each metric's per-image value (mean over the K samples), ``(N,)``, for
+    paired comparisons (:func:`paired_differences`).
+    """
     from fmrirecon.evaluation.metrics import pixcorr, rgb_to_gray, ssim, two_way_identification
 
     n, k = recons.shape[:2]
@@ -134,16 +138,29 @@ def image_metrics(recons: np.ndarray, truths: np.ndarray, clip) -> dict:
         truth_emb = clip.image_embeds(torch.from_numpy(truth_f).permute(0, 3, 1, 2).float()).numpy()
     for j in range(k):
         rec = recons[:, j].astype(np.float64) / 255
-        out["pixcorr"].append(pixcorr(rec, truth_f).mean())
-        out["ssim"].append(ssim(rgb_to_gray(rec), rgb_to_gray(truth_f)).mean())
+        out["pixcorr"].append(pixcorr(rec, truth_f))
+        out["ssim"].append(ssim(rgb_to_gray(rec), rgb_to_gray(truth_f)))
         with torch.no_grad():
             rec_emb = clip.image_embeds(torch.from_numpy(rec).permute(0, 3, 1, 2).float()).numpy()
-        out["clip2"].append(two_way_identification(truth_emb, rec_emb).mean())
+        out["clip2"].append(two_way_identification(truth_emb, rec_emb))
+    if per_image is not None:
+        per_image.update({key: np.mean(v, axis=0) for key, v in out.items()})
     return {key: float(np.mean(v)) for key, v in out.items()} | {"n_images": n, "samples": k}
 
 
-def decoding_metrics(method, betas: np.ndarray, truths: np.ndarray, ld) -> dict:
-    """Without sampling: PixCorr/SSIM of the VAE-decoded, momentum-aligned latent ẑ (the img2img start)."""
+def paired_differences(a: dict, b: dict) -> dict:
+    """Per metric, the mean over images of ``a − b`` (per-image values from :func:`image_metrics`) with its
+    95 % t-interval: images are the unit, both sides scored on the same images."""
+    from fmrirecon.evaluation.metrics import mean_interval
+
+    return {key: dict(zip(("mean", "low", "high"), mean_interval(a[key] - b[key]))) for key in a}
+
+
+def decoding_metrics(
+    method, betas: np.ndarray, truths: np.ndarray, ld, per_image: dict | None = None
+) -> dict:
+    """Without sampling: PixCorr/SSIM of the VAE-decoded, momentum-aligned latent ẑ (the img2img start);
+    ``per_image``, if given, receives the per-image values (keys ``latent_pixcorr``, ``latent_ssim``)."""
     from fmrirecon.evaluation.metrics import pixcorr, rgb_to_gray, ssim
 
     decoded = method.decode(betas, seed=0, guided=False)
@@ -159,10 +176,13 @@ def decoding_metrics(method, betas: np.ndarray, truths: np.ndarray, ld) -> dict:
             .numpy()
         )
     truth_f = truths.astype(np.float64) / 255
-    return {
-        "latent_pixcorr": float(pixcorr(blurry, truth_f).mean()),
-        "latent_ssim": float(ssim(rgb_to_gray(blurry), rgb_to_gray(truth_f)).mean()),
+    values = {
+        "latent_pixcorr": pixcorr(blurry, truth_f),
+        "latent_ssim": ssim(rgb_to_gray(blurry), rgb_to_gray(truth_f)),
     }
+    if per_image is not None:
+        per_image.update(values)
+    return {key: float(v.mean()) for key, v in values.items()}
 
 
 def test_set(store, subject: int, n_test: int | None):
@@ -292,6 +312,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--weights-dir", type=Path, default=None, help="world weights folder (default: shipped)"
     )
+    parser.add_argument(
+        "--transfer-equal-steps",
+        action="store_true",
+        help="transfer: scale the fine-tuning epochs by sessions / quarter (equal steps to full data)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -355,11 +380,14 @@ def main(argv=None) -> int:
                 "ridge", store, subject, out / "runs" / f"ridge_{key}", backbones=(ld, clip)
             )
             res["fit_seconds"]["ridge"] = ridge_seconds or res["fit_seconds"].get("ridge", 0.0)
-            rows = {}
+            rows, per_image = {}, {}
             for variant in ("guided", "unguided"):
                 t0 = time.perf_counter()
                 recons = nd.reconstruct(betas, samples=args.samples, seed=0, variant=variant)
-                rows[variant] = image_metrics(recons, truths, clip) | {"seconds": time.perf_counter() - t0}
+                per_image[variant] = {}
+                rows[variant] = image_metrics(recons, truths, clip, per_image[variant]) | {
+                    "seconds": time.perf_counter() - t0
+                }
                 np.save(out / f"recons_{key}_{variant}.npy", recons)
             # The other guidance precision (bfloat16 = VAE decode under autocast), same seeds.
             other = "bfloat16" if nd.config.guidance_precision == "float32" else "float32"
@@ -368,9 +396,14 @@ def main(argv=None) -> int:
             rows[f"guided, {other} guidance"] = image_metrics(recons, truths, clip) | {
                 "seconds": time.perf_counter() - t0
             }
+            per_image["ridge"] = {}
             rows["ridge"] = image_metrics(
-                ridge.reconstruct(betas, samples=args.samples, seed=0), truths, clip
+                ridge.reconstruct(betas, samples=args.samples, seed=0), truths, clip, per_image["ridge"]
             )
+            res["paired"] = {
+                "guided - ridge": paired_differences(per_image["guided"], per_image["ridge"]),
+                "guided - unguided": paired_differences(per_image["guided"], per_image["unguided"]),
+            }
             res["metrics"] = rows
             save_results(out, results)
             print(key, json.dumps(rows, indent=1))
@@ -446,19 +479,39 @@ def main(argv=None) -> int:
         if "transfer" in args.only:
             from fmrirecon.methods.neuraldiffuser.retrieval import voting_retrieval
 
-            quarter = max(1, store.subject(subject).n_sessions // 4)
-            rows = {}
+            sessions = store.subject(subject).n_sessions
+            quarter = max(1, sessions // 4)
+            # The paper's protocol: the same epochs whatever the data (15 epochs of 3 sessions are ~100
+            # steps). --transfer-equal-steps scales them by sessions / quarter, so both arms take as many
+            # fine-tuning steps as the full-data fine-tuning: the comparison nearer convergence.
+            epochs = world_cfg.finetune_train.epochs
+            if args.transfer_equal_steps:
+                epochs = round(epochs * sessions / quarter)
+            suffix = "_equal_steps" if args.transfer_equal_steps else ""
+            rows, per_image = {}, {}
             for label, pretrain in (("pretrain+finetune", True), ("target only", False)):
-                over = [*args.overrides, f"target_sessions={quarter}", f"pretrain={str(pretrain).lower()}"]
-                run = out / "runs" / f"transfer_{'pre' if pretrain else 'only'}_{key}"
+                over = [
+                    *args.overrides,
+                    f"target_sessions={quarter}",
+                    f"pretrain={str(pretrain).lower()}",
+                    f"finetune_train.epochs={epochs}",
+                ]
+                run = out / "runs" / f"transfer_{'pre' if pretrain else 'only'}_{key}{suffix}"
                 method, _ = fit("neuraldiffuser", store, subject, run, over, backbones=(ld, clip))
                 method._backbones = (ld, clip)
-                rows[label] = decoding_metrics(method, betas, truths, ld) | voting_retrieval(
+                per_image[label] = {}
+                retrieval = voting_retrieval(
                     method.brain_layer_embeddings(betas), method.image_layer_embeddings(truths)
                 )
-            res["transfer"] = rows | {"target_sessions": quarter}
+                rows[label] = decoding_metrics(method, betas, truths, ld, per_image[label]) | retrieval
+            paired = paired_differences(per_image["pretrain+finetune"], per_image["target only"])
+            res[f"transfer{suffix}"] = rows | {
+                "target_sessions": quarter,
+                "finetune_epochs": epochs,
+                "pretrain+finetune - target only": paired,
+            }
             save_results(out, results)
-            print(key, res["transfer"])
+            print(key, res[f"transfer{suffix}"])
 
         if "timing" in args.only:
             # Interleaved repeats, best of 3 (wall and CPU), per SAG setting; samples=1 and the demo's 2.
