@@ -147,6 +147,10 @@ def test_mindeye_preset_schema_samples_and_reference_values(folders):
     noisy_r = [np.corrcoef(a.flatten(), b.flatten())[0, 1] for a, b in zip(truth_px, noisy_px)]
     expected = np.mean([1.0, np.mean(noisy_r)])
     assert m["pixcorr"] == pytest.approx(expected, rel=1e-5)
+    # per image (for paired comparisons): the mean over its 2 samples, rows in the recorded id order
+    assert result["ids"] == [int(i) for i in folders["ids"]]
+    np.testing.assert_allclose(result["per_image"]["pixcorr"], (1.0 + np.array(noisy_r)) / 2, rtol=1e-5)
+    assert np.mean(result["per_image"]["ssim"]) == pytest.approx(m["ssim"])
     settings = report["settings"]
     assert settings["pixel"]["size"] == 425 and settings["common_size"] == 256
     assert settings["common_antialias"] is False

@@ -266,9 +266,14 @@ def _evaluate_recon(
         )
         del recon_feats
 
-    metrics, best = {}, {}
+    metrics, best, image_means = {}, {}, {}
     for key, values in per_image.items():
         metrics[key] = float(np.nanmean(values))
+        scored = ~np.isnan(values).all(0)
+        means = np.full(n, np.nan)
+        means[scored] = np.nanmean(values[:, scored], 0)
+        # per image, the mean over its samples (JSON null where no sample was scored): for paired comparisons
+        image_means[key] = [float(v) if np.isfinite(v) else None for v in means]
         if k_samples > 1:
             best_per_image = np.nanmax(values, 0) if _higher_is_better(key) else np.nanmin(values, 0)
             best[key] = float(best_per_image.mean())
@@ -314,6 +319,8 @@ def _evaluate_recon(
         "metrics": metrics,
         "details": details,
         "unavailable": local_unavailable,
+        "ids": [int(i) for i in recon.ids],
+        "per_image": image_means,
     }
     if best:
         result["best_of_k"] = best

@@ -181,6 +181,43 @@ def _metric_section(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
+def _paired_section(results: list[dict[str, Any]], reference_method: str = "ridge") -> dict[str, Any] | None:
+    """Each result minus the reference method's, per image (:mod:`fmrirecon.evaluation.compare`), for one
+    subject; ``None`` without a reference or per-image scores."""
+    from fmrirecon.evaluation.compare import find_reference, paired_difference
+
+    reference = find_reference(results, reference_method)
+    if reference is None or "per_image" not in reference:
+        return None
+    rows = []
+    for r in results:
+        if r is reference or "per_image" not in r:
+            continue
+        try:
+            diffs = paired_difference(r, reference)
+        except ValueError:  # no shared image
+            continue
+        rows.append((r, diffs))
+    if not rows:
+        return None
+    metrics = sorted({m for _, d in rows for m in d}, key=_metric_sort_key)
+
+    def cell(d: dict[str, float] | None) -> dict[str, Any]:
+        if d is None:
+            return {"text": "—", "significant": False}
+        text = f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+        return {"text": text, "significant": d["low"] > 0 or d["high"] < 0}
+
+    return {
+        "reference": _label(reference["method"], reference.get("variant")),
+        "columns": [{"name": m, "lower_is_better": m in LOWER_IS_BETTER} for m in metrics],
+        "rows": [
+            {"label": _label(r["method"], r.get("variant")), "cells": [cell(d.get(m)) for m in metrics]}
+            for r, d in rows
+        ],
+    }
+
+
 def _run_section(run: RunInfo) -> dict[str, Any]:
     title = f"{run.method} {_subject_label(run.subject)}"
     plot = _data_uri(loss_plot_png(run.loss_logs, title)) if run.loss_logs else None
@@ -243,6 +280,7 @@ def render_report(
                 if recons
                 else None,
                 "metrics": _metric_section(subject_results),
+                "paired": _paired_section(subject_results),
                 "runs": [_run_section(r) for r in runs],
             }
         )

@@ -105,6 +105,10 @@ def write_fake_report_inputs(
                 },
             )
             fake.recon_dirs.append(recon_dir)
+            per_image = {
+                "pixcorr": rng.uniform(0, 0.5, len(test_ids)).tolist(),
+                "effnet": rng.uniform(0.6, 1, len(test_ids)).tolist(),
+            }
             results.append(
                 {
                     "method": method,
@@ -113,14 +117,16 @@ def write_fake_report_inputs(
                     "n_images": n_test,
                     "recon_dir": os.path.relpath(recon_dir, root),
                     "metrics": {
-                        "pixcorr": float(rng.uniform(0, 0.5)),
+                        "pixcorr": float(np.mean(per_image["pixcorr"])),
                         "ssim": float(rng.uniform(0.1, 0.4)),
                         "alexnet2": float(rng.uniform(0.5, 1)),
                         "clip": {"mean": float(rng.uniform(0.5, 1)), "ci": [0.5, 1.0]},
-                        "effnet": float(rng.uniform(0.6, 1)),
+                        "effnet": float(np.mean(per_image["effnet"])),
                         "retrieval_image": float(rng.uniform(0, 1)),
                         "nway_5": {"mean": float(rng.uniform(0.2, 1)), "std": 0.05},
                     },
+                    "ids": [int(i) for i in test_ids],
+                    "per_image": per_image,
                 }
             )
 
