@@ -76,3 +76,18 @@ def test_report_shows_paired_differences_against_ridge(tmp_path):
     nd, ridge = (next(r for r in results if r["method"] == m) for m in ("nd", "ridge"))
     d = paired_difference(nd, ridge)["pixcorr"]
     assert f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" in html
+
+
+def test_report_pairs_only_within_the_reference_preset(tmp_path):
+    fake = write_fake_report_inputs(
+        tmp_path / "inputs", subjects={1: 6}, methods=(("ridge", "img2img"), ("nd", "guided"))
+    )
+    other = json.loads(fake.metrics.read_text())
+    other["preset"] = "mindeye"
+    other["results"] = [dict(r, variant="scored-otherwise") for r in other["results"] if r["method"] == "nd"]
+    other_path = tmp_path / "inputs" / "other_metrics.json"
+    other_path.write_text(json.dumps(other))
+    html = build_report([fake.metrics, other_path], tmp_path / "report.html").read_text(encoding="utf-8")
+    paired = html[html.index("Paired differences") :]
+    paired = paired[: paired.index("</table>")]
+    assert "nd · guided" in paired and "scored-otherwise" not in paired

@@ -149,6 +149,15 @@ def _image_section(
     }
 
 
+def _columns(metrics: list[str], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Table columns: the metric and whether lower is better (the evaluation's settings, else the default)."""
+    higher = settings.get("higher_is_better") if isinstance(settings.get("higher_is_better"), dict) else {}
+    return [
+        {"name": m, "lower_is_better": (not higher[m]) if m in higher else m in LOWER_IS_BETTER}
+        for m in metrics
+    ]
+
+
 def _metric_section(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Metric table for one subject: a chance row, then one row per (method, variant) result."""
     if not results:
@@ -157,13 +166,9 @@ def _metric_section(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     first = results[0]
     settings = first["_settings"]
     chance = [chance_level(m, first.get("n_images"), settings) for m in metrics]
-    higher = settings.get("higher_is_better") if isinstance(settings.get("higher_is_better"), dict) else {}
     unavailable = settings.get("unavailable") if isinstance(settings.get("unavailable"), dict) else {}
     return {
-        "columns": [
-            {"name": m, "lower_is_better": (not higher[m]) if m in higher else m in LOWER_IS_BETTER}
-            for m in metrics
-        ],
+        "columns": _columns(metrics, settings),
         "unavailable": [
             {"name": name, "reason": reason if isinstance(reason, str) else _pretty_json(reason)}
             for name, reason in sorted(unavailable.items())
@@ -183,7 +188,8 @@ def _metric_section(results: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def _paired_section(results: list[dict[str, Any]], reference_method: str = "ridge") -> dict[str, Any] | None:
     """Each result minus the reference method's, per image (:mod:`fmrirecon.evaluation.compare`), for one
-    subject; ``None`` without a reference or per-image scores."""
+    subject and only within the reference's preset (other presets score differently); ``None`` without a
+    reference or per-image scores."""
     from fmrirecon.evaluation.compare import find_reference, paired_difference
 
     reference = find_reference(results, reference_method)
@@ -191,7 +197,7 @@ def _paired_section(results: list[dict[str, Any]], reference_method: str = "ridg
         return None
     rows = []
     for r in results:
-        if r is reference or "per_image" not in r:
+        if r is reference or "per_image" not in r or r["_preset"] != reference["_preset"]:
             continue
         try:
             diffs = paired_difference(r, reference)
@@ -210,7 +216,7 @@ def _paired_section(results: list[dict[str, Any]], reference_method: str = "ridg
 
     return {
         "reference": _label(reference["method"], reference.get("variant")),
-        "columns": [{"name": m, "lower_is_better": m in LOWER_IS_BETTER} for m in metrics],
+        "columns": _columns(metrics, reference["_settings"]),
         "rows": [
             {"label": _label(r["method"], r.get("variant")), "cells": [cell(d.get(m)) for m in metrics]}
             for r, d in rows
