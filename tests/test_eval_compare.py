@@ -75,7 +75,7 @@ def test_report_shows_paired_differences_against_ridge(tmp_path):
     results = json.loads(fake.metrics.read_text())["results"]
     nd, ridge = (next(r for r in results if r["method"] == m) for m in ("nd", "ridge"))
     d = paired_difference(nd, ridge)["pixcorr"]
-    assert f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" in html
+    assert f'{d["mean"]:+.3f}<span class="interval">[{d["low"]:+.3f}, {d["high"]:+.3f}]</span>' in html
 
 
 def test_report_pairs_only_within_the_reference_preset(tmp_path):

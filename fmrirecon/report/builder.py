@@ -210,9 +210,12 @@ def _paired_section(results: list[dict[str, Any]], reference_method: str = "ridg
 
     def cell(d: dict[str, float] | None) -> dict[str, Any]:
         if d is None:
-            return {"text": "—", "significant": False}
-        text = f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-        return {"text": text, "significant": d["low"] > 0 or d["high"] < 0}
+            return {"mean": "—", "interval": "", "significant": False}
+        return {
+            "mean": f"{d['mean']:+.3f}",
+            "interval": f"[{d['low']:+.3f}, {d['high']:+.3f}]",
+            "significant": d["low"] > 0 or d["high"] < 0,
+        }
 
     return {
         "reference": _label(reference["method"], reference.get("variant")),
