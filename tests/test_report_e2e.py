@@ -7,7 +7,6 @@ the system Chromium at /usr/bin/chromium is used). Run with ``pytest -m e2e test
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,6 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SCREENSHOT_FOR_DOCS = Path(__file__).resolve().parents[1] / "docs" / "report_screenshot.png"
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +97,4 @@ def test_report_renders_in_chromium(browser_context, tmp_path):
     screenshot = tmp_path / "report.png"
     page.screenshot(path=str(screenshot), full_page=False)
     assert screenshot.stat().st_size > 10_000
-    SCREENSHOT_FOR_DOCS.parent.mkdir(exist_ok=True)
-    shutil.copyfile(screenshot, SCREENSHOT_FOR_DOCS)
     page.close()
