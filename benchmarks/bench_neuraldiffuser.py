@@ -148,12 +148,15 @@ def image_metrics(recons: np.ndarray, truths: np.ndarray, clip, per_image: dict 
     return {key: float(np.mean(v)) for key, v in out.items()} | {"n_images": n, "samples": k}
 
 
-def paired_differences(a: dict, b: dict) -> dict:
-    """Per metric, the mean over images of ``a − b`` (per-image values from :func:`image_metrics`) with its
-    95 % t-interval: images are the unit, both sides scored on the same images."""
-    from fmrirecon.evaluation.metrics import mean_interval
+def paired_differences(a: dict, b: dict, ids: np.ndarray) -> dict:
+    """Per metric, ``a − b`` over the test images ``ids`` (per-image values from :func:`image_metrics`):
+    the evaluation suite's paired comparison (:func:`fmrirecon.evaluation.compare.paired_difference`)."""
+    from fmrirecon.evaluation.compare import paired_difference
 
-    return {key: dict(zip(("mean", "low", "high"), mean_interval(a[key] - b[key]))) for key in a}
+    def result(per_image: dict) -> dict:
+        return {"subject": None, "ids": [int(i) for i in ids], "per_image": per_image}
+
+    return paired_difference(result(a), result(b))
 
 
 def decoding_metrics(
@@ -401,8 +404,8 @@ def main(argv=None) -> int:
                 ridge.reconstruct(betas, samples=args.samples, seed=0), truths, clip, per_image["ridge"]
             )
             res["paired"] = {
-                "guided - ridge": paired_differences(per_image["guided"], per_image["ridge"]),
-                "guided - unguided": paired_differences(per_image["guided"], per_image["unguided"]),
+                "guided - ridge": paired_differences(per_image["guided"], per_image["ridge"], ids),
+                "guided - unguided": paired_differences(per_image["guided"], per_image["unguided"], ids),
             }
             res["metrics"] = rows
             save_results(out, results)
@@ -504,7 +507,7 @@ def main(argv=None) -> int:
                     method.brain_layer_embeddings(betas), method.image_layer_embeddings(truths)
                 )
                 rows[label] = decoding_metrics(method, betas, truths, ld, per_image[label]) | retrieval
-            paired = paired_differences(per_image["pretrain+finetune"], per_image["target only"])
+            paired = paired_differences(per_image["pretrain+finetune"], per_image["target only"], ids)
             res[f"transfer{suffix}"] = rows | {
                 "target_sessions": quarter,
                 "finetune_epochs": epochs,
