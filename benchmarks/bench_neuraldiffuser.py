@@ -12,10 +12,13 @@
 # - ``select``: 5 samples per image, the mean over samples (Tab. 1 top) vs the best of 5 by second-order
 #   selection (the sample closest to the brain-decoded guidance features, §5.2);
 # - ``retrieval``: voting retrieval with the guidance features (§5.3), top-1 of min(300, N);
-# - ``transfer``: leave-the-target-out pretraining + fine-tuning vs target only, target with ¼ of sessions;
+# - ``transfer``: leave-the-target-out pretraining + fine-tuning vs target only, target with ¼ of sessions,
+#   paired over the test images (ẑ PixCorr/SSIM and each image's retrieval hit); ``--transfer-equal-steps``,
+#   ``--transfer-seed``;
 # - ``timing``: guided vs unguided wall time at equal steps (world backbones).
 #
 # Run: ``python benchmarks/bench_neuraldiffuser.py --out bench_out/neuraldiffuser [--subjects 1 2]``.
+# ``--world-unique N`` builds the world with N training images per subject instead of 500 (NSD has ~9,000).
 
 # %%
 from __future__ import annotations
@@ -56,12 +59,14 @@ def save_results(out: Path, results: dict) -> None:
 
 
 # %% world store
-def world_store(out: Path, seed: int = 0):
+def world_store(out: Path, seed: int = 0, n_unique: int = 500):
+    """The default world (``write_synthetic_nsd(seed=0)``), or one with ``n_unique`` training images per
+    subject (and 100 shared test images, drawn anew from the larger pool)."""
     from fmrirecon.data.prepare import prepare_nsd
     from fmrirecon.data.store import PreparedStore
     from fmrirecon.data.synthetic import write_synthetic_nsd
 
-    raw = write_synthetic_nsd(out / "world", seed=seed, formats=("hdf5",))
+    raw = write_synthetic_nsd(out / "world", seed=seed, n_unique=n_unique, formats=("hdf5",))
     return PreparedStore(prepare_nsd(raw, out / "store", betas_format="hdf5"))
 
 
@@ -303,6 +308,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench_out/neuraldiffuser"))
     parser.add_argument("--store", type=Path, default=None, help="prepared world store (default: make one)")
+    parser.add_argument(
+        "--world-unique",
+        type=int,
+        default=500,
+        help="training images per subject of the world made when --store is not given (default world: 500)",
+    )
     parser.add_argument("--subjects", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--n-test", type=int, default=None, help="first n test images (default: all)")
     parser.add_argument("--samples", type=int, default=5)
@@ -319,6 +330,9 @@ def main(argv=None) -> int:
         "--transfer-equal-steps",
         action="store_true",
         help="transfer: scale the fine-tuning epochs by sessions / quarter (equal steps to full data)",
+    )
+    parser.add_argument(
+        "--transfer-seed", type=int, default=0, help="transfer: training seed of both arms (runs suffixed)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
     args = parser.parse_args(argv)
@@ -342,7 +356,7 @@ def main(argv=None) -> int:
 
     from fmrirecon.data.store import PreparedStore
 
-    store = PreparedStore(args.store) if args.store else world_store(out)
+    store = PreparedStore(args.store) if args.store else world_store(out, n_unique=args.world_unique)
     from fmrirecon.methods.neuraldiffuser import load_backbones
 
     _, world_cfg = method_config("neuraldiffuser", args.overrides)
@@ -490,7 +504,9 @@ def main(argv=None) -> int:
             epochs = world_cfg.finetune_train.epochs
             if args.transfer_equal_steps:
                 epochs = round(epochs * sessions / quarter)
-            suffix = "_equal_steps" if args.transfer_equal_steps else ""
+            suffix = ("_equal_steps" if args.transfer_equal_steps else "") + (
+                f"_seed{args.transfer_seed}" if args.transfer_seed else ""
+            )
             rows, per_image = {}, {}
             for label, pretrain in (("pretrain+finetune", True), ("target only", False)):
                 over = [
@@ -500,11 +516,15 @@ def main(argv=None) -> int:
                     f"finetune_train.epochs={epochs}",
                 ]
                 run = out / "runs" / f"transfer_{'pre' if pretrain else 'only'}_{key}{suffix}"
-                method, _ = fit("neuraldiffuser", store, subject, run, over, backbones=(ld, clip))
+                method, _ = fit(
+                    "neuraldiffuser", store, subject, run, over, seed=args.transfer_seed, backbones=(ld, clip)
+                )
                 method._backbones = (ld, clip)
                 per_image[label] = {}
                 retrieval = voting_retrieval(
-                    method.brain_layer_embeddings(betas), method.image_layer_embeddings(truths)
+                    method.brain_layer_embeddings(betas),
+                    method.image_layer_embeddings(truths),
+                    per_item=per_image[label],
                 )
                 rows[label] = decoding_metrics(method, betas, truths, ld, per_image[label]) | retrieval
             paired = paired_differences(per_image["pretrain+finetune"], per_image["target only"], ids)

@@ -192,6 +192,26 @@ def test_voting_retrieval_perfect_chance_and_shapes():
         voting_retrieval(layers[:2], layers)
 
 
+def test_voting_retrieval_per_item_hits_follow_the_items():
+    rng = np.random.default_rng(1)
+    layers = [rng.normal(size=(40, 16)) for _ in range(2)]
+    brain = [x.copy() for x in layers]
+    for b, x in zip(brain, layers):
+        b[:5] = x[5:10]  # the brain side of items 0-4 points at items 5-9: those queries miss
+    per_item = {}
+    out = voting_retrieval(brain, layers, pool_size=300, per_item=per_item)
+    expected = np.r_[np.zeros(5), np.ones(35)]
+    assert per_item["retrieval_image"] == pytest.approx(expected)
+    assert out["retrieval_image"] == pytest.approx(per_item["retrieval_image"].mean())
+    assert out["retrieval_brain"] == pytest.approx(per_item["retrieval_brain"].mean())
+    # smaller pools: each item's rate averages the draws that placed it in a pool
+    per_item = {}
+    out = voting_retrieval(brain, layers, pool_size=10, n_draws=5, per_item=per_item)
+    assert per_item["retrieval_image"].shape == (40,)
+    assert per_item["retrieval_image"][:5].max() <= per_item["retrieval_image"][5:].min()
+    assert out["retrieval_image"] == pytest.approx(np.mean(per_item["retrieval_image"]))
+
+
 def _one_step_guidance(tiny_ld, **hook_options):
     """A toy guided step: latents, a random ε network and a FeatureGuidance hook (κ = 50, one guided step)
     whose targets are the TinyFeatures of a fixed goal image."""

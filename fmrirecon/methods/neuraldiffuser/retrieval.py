@@ -53,6 +53,7 @@ def voting_retrieval(
     pool_size: int = 300,
     n_draws: int = 30,
     seed: int = 0,
+    per_item: dict | None = None,
 ) -> dict[str, float]:
     """Top-1 image and brain retrieval with per-layer voting.
 
@@ -61,6 +62,9 @@ def voting_retrieval(
         image_layers: per layer ``(N, D_l)`` image embeddings of the same items.
         pool_size: candidates per query (300, or ``N`` when smaller).
         n_draws: random pool draws averaged.
+        per_item: if given, receives ``"retrieval_image"`` and ``"retrieval_brain"``: ``(N,)`` each item's
+            top-1 hit rate as a query over the draws that placed it in a pool (NaN if none did), for paired
+            comparisons of two decoders on the same items.
 
     Returns:
         ``{"retrieval_image": acc, "retrieval_brain": acc, "pool_size": p, "chance": 1/p}``.
@@ -77,14 +81,21 @@ def voting_retrieval(
     sims = np.stack([cosine_similarities(b, im) for b, im in zip(brain_layers, image_layers)])  # (L, N, N)
     rng = np.random.default_rng(seed)
     correct = {"image": [], "brain": []}
+    hits, queried = {"image": np.zeros(n), "brain": np.zeros(n)}, np.zeros(n)
     for _ in range(n_draws if pool < n else 1):
         order = rng.permutation(n)
         for start in range(0, n - pool + 1, pool):
             idx = order[start : start + pool]
             block = sims[:, idx][:, :, idx]  # (L, pool, pool): brain queries × image candidates
             target = np.arange(pool)
-            correct["image"].append(vote_top1(block) == target)
-            correct["brain"].append(vote_top1(block.transpose(0, 2, 1)) == target)
+            for kind, scores in (("image", block), ("brain", block.transpose(0, 2, 1))):
+                right = vote_top1(scores) == target
+                correct[kind].append(right)
+                hits[kind][idx] += right
+            queried[idx] += 1
+    if per_item is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_item.update({f"retrieval_{kind}": hits[kind] / queried for kind in hits})
     return {
         "retrieval_image": float(np.concatenate(correct["image"]).mean()),
         "retrieval_brain": float(np.concatenate(correct["brain"]).mean()),
