@@ -80,7 +80,7 @@ def voting_retrieval(
     pool = min(pool_size, n)
     sims = np.stack([cosine_similarities(b, im) for b, im in zip(brain_layers, image_layers)])  # (L, N, N)
     rng = np.random.default_rng(seed)
-    correct = {"image": [], "brain": []}
+    # per item: top-1 hits as a query, and how many pools it was queried in
     hits, queried = {"image": np.zeros(n), "brain": np.zeros(n)}, np.zeros(n)
     for _ in range(n_draws if pool < n else 1):
         order = rng.permutation(n)
@@ -88,17 +88,15 @@ def voting_retrieval(
             idx = order[start : start + pool]
             block = sims[:, idx][:, :, idx]  # (L, pool, pool): brain queries × image candidates
             target = np.arange(pool)
-            for kind, scores in (("image", block), ("brain", block.transpose(0, 2, 1))):
-                right = vote_top1(scores) == target
-                correct[kind].append(right)
-                hits[kind][idx] += right
+            hits["image"][idx] += vote_top1(block) == target
+            hits["brain"][idx] += vote_top1(block.transpose(0, 2, 1)) == target
             queried[idx] += 1
     if per_item is not None:
         with np.errstate(invalid="ignore", divide="ignore"):
             per_item.update({f"retrieval_{kind}": hits[kind] / queried for kind in hits})
     return {
-        "retrieval_image": float(np.concatenate(correct["image"]).mean()),
-        "retrieval_brain": float(np.concatenate(correct["brain"]).mean()),
+        "retrieval_image": float(hits["image"].sum() / queried.sum()),
+        "retrieval_brain": float(hits["brain"].sum() / queried.sum()),
         "pool_size": pool,
         "chance": 1.0 / pool,
     }
