@@ -58,9 +58,21 @@ def test_img2img_strength(ld, context):
     assert torch.equal(sample(ld, context, init_latents=init, strength=0.0), init)
     seen: list[StepState] = []
     out = sample(ld, context, init_latents=init, strength=0.5, num_steps=10, step_hook=seen.append)
-    assert len(seen) == 5  # diffusers img2img convention: int(10 * 0.5) steps from the middle of the schedule
-    full = ddim_sample(ld, context, num_steps=10, progress=False)
-    assert seen[0].timestep < full.new_tensor(1000)
+    # diffusers img2img convention: the last int(10 * 0.5) = 5 steps of the 10-step schedule. SD's DDIM config
+    # ("leading" spacing, steps_offset 1) puts step k of 10 at t = 100 k + 1: the full schedule is 901, ..., 1.
+    config = ld.scheduler.config
+    assert (config.timestep_spacing, config.beta_schedule, config.num_train_timesteps) == (
+        "leading",
+        "scaled_linear",
+        1000,
+    )
+    ratio = config.num_train_timesteps // 10
+    assert [int(s.timestep) for s in seen] == [k * ratio + config.steps_offset for k in (4, 3, 2, 1, 0)]
+    # the run starts from the initial latents noised to t = 401 (Eq. 4 of DDPM) with the generator's first draw
+    noise = torch.randn(init.shape, generator=torch.Generator().manual_seed(0))
+    betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, config.num_train_timesteps) ** 2
+    alpha_bar = torch.cumprod(1 - betas.double(), 0)[int(seen[0].timestep)].float()
+    torch.testing.assert_close(seen[0].latents, alpha_bar.sqrt() * init + (1 - alpha_bar).sqrt() * noise)
     assert not torch.allclose(out, init)
     with pytest.raises(ValueError, match="strength"):
         sample(ld, context, init_latents=init, strength=1.5)
