@@ -58,8 +58,8 @@ def test_img2img_strength(ld, context):
     assert torch.equal(sample(ld, context, init_latents=init, strength=0.0), init)
     seen: list[StepState] = []
     out = sample(ld, context, init_latents=init, strength=0.5, num_steps=10, step_hook=seen.append)
-    # diffusers img2img convention: the last int(10 * 0.5) = 5 steps of the 10-step schedule. SD's DDIM config
-    # ("leading" spacing, steps_offset 1) puts step k of 10 at t = 100 k + 1: the full schedule is 901, ..., 1.
+    # diffusers img2img convention: the last int(10 * 0.5) = 5 steps of the 10-step schedule. SD's DDIM
+    # config ("leading" spacing, steps_offset 1) puts step k of 10 at t = 100 k + 1: 901, ..., 1 in full.
     config = ld.scheduler.config
     assert (config.timestep_spacing, config.beta_schedule, config.num_train_timesteps) == (
         "leading",
@@ -68,7 +68,7 @@ def test_img2img_strength(ld, context):
     )
     ratio = config.num_train_timesteps // 10
     assert [int(s.timestep) for s in seen] == [k * ratio + config.steps_offset for k in (4, 3, 2, 1, 0)]
-    # the run starts from the initial latents noised to t = 401 (Eq. 4 of DDPM) with the generator's first draw
+    # the run starts from the initial latents noised to t = 401 (DDPM Eq. 4) by the generator's first draw
     noise = torch.randn(init.shape, generator=torch.Generator().manual_seed(0))
     betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, config.num_train_timesteps) ** 2
     alpha_bar = torch.cumprod(1 - betas.double(), 0)[int(seen[0].timestep)].float()
