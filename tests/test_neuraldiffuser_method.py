@@ -204,17 +204,57 @@ def test_reconstruct_load_and_determinism(fitted):
 
 
 def test_retrieval_embeddings(fitted):
-    method, store, _ = fitted
+    """§5.3: per layer, the projector output of f_g^l against the image's CLIP layer features g^l (the
+    guidance decoders' training targets), each layer's top-1 merged by voting; the suite's joint space
+    averages the per-layer cosines. Every value is checked against a computation written out here."""
+    from safetensors.torch import load_file
+
     from fmrirecon.data.store import PreparedStore
 
+    method, store, run_dir = fitted
     s = PreparedStore(store)
     ids, betas = s.subject(1).averaged("test")
     brain = method.brain_layer_embeddings(betas)
     image = method.image_layer_embeddings(s.images(ids))
-    assert len(brain) == len(image) == 2 and brain[0].shape == image[0].shape == (len(ids), 16 * 6)
+    n, layers = len(ids), method.config.guidance_layers
+    assert len(brain) == len(image) == len(layers) and brain[0].shape == image[0].shape == (n, 16 * 6)
+    # brain side: voxel encoder -> backbone -> projector, flattened (not the backbone tokens the prior reads)
+    x = torch.from_numpy(betas)
+    for layer, got in zip(layers, brain):
+        decoder = method.model.guidance[f"layer{layer}"]
+        with torch.no_grad():
+            projected = decoder.projector(decoder.backbone(decoder.voxel_encoders(x, 1)))
+        np.testing.assert_allclose(got, projected.reshape(n, -1).numpy(), rtol=1e-5, atol=1e-6)
+    # image side: the features the guidance decoders were trained to match, for the training images
+    targets = load_file(run_dir / "targets.safetensors")
+    train_side = method.image_layer_embeddings(s.images(targets["ids"][:5].numpy()))
+    for layer, got in zip(layers, train_side):
+        np.testing.assert_allclose(got, targets[f"layer{layer}"][:5].flatten(1).numpy(), rtol=1e-5, atol=1e-6)
+
+    # voting by hand: every test item is a query once (pool = all 6 < 300); each layer votes for its most
+    # cosine-similar candidate, most votes win, ties go to the larger cosine summed over layers
+    def cos(a, b):
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    def accuracy(queries, candidates):
+        hits = 0
+        for i in range(n):
+            sims = [[cos(q[i], c[j]) for j in range(n)] for q, c in zip(queries, candidates)]
+            votes = [sum(int(np.argmax(row)) == j for row in sims) for j in range(n)]
+            winner = max(range(n), key=lambda j: (votes[j], sum(row[j] for row in sims)))
+            hits += winner == i
+        return hits / n
+
     out = voting_retrieval(brain, image)
-    assert 0.0 <= out["retrieval_image"] <= 1.0 and out["pool_size"] == len(ids)
-    assert method.brain_embeddings(betas).shape == method.image_embeddings(s.images(ids)).shape
+    assert out["pool_size"] == n and out["chance"] == 1 / n
+    assert out["retrieval_image"] == pytest.approx(accuracy(brain, image))
+    assert out["retrieval_brain"] == pytest.approx(accuracy(image, brain))
+    # the suite's joint embeddings: their dot product is the mean per-layer cosine
+    joint = method.brain_embeddings(betas) @ method.image_embeddings(s.images(ids)).T  # (N, N)
+    mean_cos = [
+        [np.mean([cos(b[i], im[j]) for b, im in zip(brain, image)]) for j in range(n)] for i in range(n)
+    ]
+    np.testing.assert_allclose(joint, mean_cos, rtol=1e-4, atol=1e-5)
 
 
 def test_targets_average_the_five_captions(fitted):
