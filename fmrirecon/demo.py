@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from fmrirecon.errors import ConfigError
+from fmrirecon.evaluation.io import write_recon_dir
 from fmrirecon.io import library_versions, read_json, write_json_atomic
 from fmrirecon.paths import data_home
 
@@ -227,50 +228,6 @@ def train_method(
     method = method_cls(config)
     method.fit(store, subject, run_dir, seed=seed)
     return method
-
-
-def write_recon_dir(
-    recon_dir: Path,
-    *,
-    method: str,
-    subject: int,
-    variant: str,
-    ids: np.ndarray,
-    images: np.ndarray,
-    brain_embeddings: np.ndarray | None,
-    image_embeddings: np.ndarray | None,
-    extra: dict[str, Any],
-) -> Path:
-    """Write a reconstruction folder (docs/contracts.md): ``images (N, K, H, W, 3)`` by 73k ``ids (N,)``."""
-    from PIL import Image
-
-    from fmrirecon.io import atomic_path
-
-    if images.ndim != 5 or images.shape[0] != len(ids) or images.dtype != np.uint8:
-        raise ValueError(
-            f"images must be uint8 (N={len(ids)}, K, H, W, 3), got {images.dtype} {images.shape}"
-        )
-    with atomic_path(recon_dir) as tmp:
-        (tmp / "images").mkdir(parents=True)
-        for image_id, samples in zip(ids, images, strict=True):
-            for k, image in enumerate(samples):
-                Image.fromarray(image).save(tmp / "images" / f"{int(image_id)}_{k}.png")
-        if brain_embeddings is not None:
-            np.save(tmp / "brain_embeddings.npy", brain_embeddings)
-        if image_embeddings is not None:
-            np.save(tmp / "image_embeddings.npy", image_embeddings)
-        write_json_atomic(
-            tmp / "manifest.json",
-            {
-                "method": method,
-                "subject": int(subject),
-                "variant": variant,
-                "ids": [int(i) for i in ids],
-                "samples": int(images.shape[1]),
-                **extra,
-            },
-        )
-    return recon_dir
 
 
 def reconstruct_test_set(

@@ -293,7 +293,7 @@ def test_same_seed_same_reconstructions(fake_world, tmp_path):
 
 
 def test_write_recon_dir_layout_and_checks(tmp_path):
-    from fmrirecon.demo import write_recon_dir
+    from fmrirecon.evaluation.io import write_recon_dir
     from fmrirecon.report.inputs import load_recon
 
     ids = np.array([5, 17, 40])

@@ -46,7 +46,7 @@ def register(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from fmrirecon.data.store import PreparedStore
-    from fmrirecon.demo import write_recon_dir
+    from fmrirecon.evaluation.io import write_recon_dir
     from fmrirecon.io import library_versions
     from fmrirecon.methods import get_method
     from fmrirecon.methods.base import check_run_store

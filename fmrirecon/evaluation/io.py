@@ -8,6 +8,8 @@ Reconstruction folder (written by ``fmrirecon reconstruct`` or any other tool; s
     RECON_DIR/brain_embeddings.npy   optional (N, D): the method's predicted embeddings, rows in ``ids`` order
     RECON_DIR/image_embeddings.npy   optional (N, D): target-space embeddings of the true images, same order
 
+:func:`write_recon_dir` writes one; :class:`ReconSet` reads and checks one.
+
 Ground truth: a prepared store (``STORE/manifest.json`` with ``"format": "fmrirecon-store"``) or a folder of
 ``<id73k>.png``.
 """
@@ -239,3 +241,50 @@ def _is_store_manifest(path: Path) -> bool:
         return read_json(path).get("format") == "fmrirecon-store"
     except (ValueError, AttributeError):
         return False
+
+
+def write_recon_dir(
+    recon_dir: str | os.PathLike,
+    *,
+    method: str,
+    subject: int,
+    variant: str,
+    ids: np.ndarray,
+    images: np.ndarray,
+    brain_embeddings: np.ndarray | None = None,
+    image_embeddings: np.ndarray | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a reconstruction folder (layout above): ``images`` uint8 ``(N, K, H, W, 3)`` by 73k ``ids (N,)``;
+    ``extra`` keys go into the manifest. Atomic: the folder appears complete or not at all."""
+    from PIL import Image
+
+    from fmrirecon.io import atomic_path, write_json_atomic
+
+    recon_dir = Path(recon_dir)
+    images = np.asarray(images)
+    if images.ndim != 5 or images.shape[0] != len(ids) or images.dtype != np.uint8:
+        raise ValueError(
+            f"images must be uint8 (N={len(ids)}, K, H, W, 3), got {images.dtype} {images.shape}"
+        )
+    with atomic_path(recon_dir) as tmp:
+        (tmp / "images").mkdir(parents=True)
+        for image_id, samples in zip(ids, images, strict=True):
+            for k, image in enumerate(samples):
+                Image.fromarray(image).save(tmp / "images" / f"{int(image_id)}_{k}.png")
+        if brain_embeddings is not None:
+            np.save(tmp / "brain_embeddings.npy", brain_embeddings)
+        if image_embeddings is not None:
+            np.save(tmp / "image_embeddings.npy", image_embeddings)
+        write_json_atomic(
+            tmp / "manifest.json",
+            {
+                "method": method,
+                "subject": int(subject),
+                "variant": variant,
+                "ids": [int(i) for i in ids],
+                "samples": int(images.shape[1]),
+                **(extra or {}),
+            },
+        )
+    return recon_dir
