@@ -18,10 +18,14 @@ NSD_DESCRIPTION = (
 )
 
 GOD_DESCRIPTION = (
-    "Prepare GOD BData files (SubjectN.h5) under --root. DataType 1 (training perception) becomes the "
-    "train split, DataType 2 (test perception) the test split; betas are z-scored per voxel within each "
-    "run. Stimuli come from the images.hdf5 written next to the BData files by the synthetic world (real "
-    "GOD images are ImageNet files that are not redistributed)."
+    "Prepare Generic Object Decoding data under --root into a store. --format bdata (default): the bdpy "
+    "BData files SubjectN.h5; DataType 1 (training perception) becomes the train split, DataType 2 (test "
+    "perception) the test split; betas are z-scored per voxel within each run. Stimuli: with --images DIR, "
+    "the ImageNet files named in imageID_training.csv / imageID_test.csv (GenericObjectDecoding's tables, in "
+    "--root or DIR) are found in any sub-folder of DIR, centre-cropped and resized to --image-size (default "
+    "256); without it, the images.hdf5 of the synthetic world. --format mindvis: MinD-Vis' sbj_N.npz + "
+    "images_256.npz + imagenet_*_label.csv. Each image's WordNet id is stored; --class-names FILE "
+    "(imagenet_class_index.json or 'n01440764 tench' lines) adds class names."
 )
 
 
@@ -65,11 +69,25 @@ def register(subparsers) -> None:
         description=GOD_DESCRIPTION,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    god.add_argument("--root", required=True, help="folder holding SubjectN.h5")
+    god.add_argument("--root", required=True, help="folder holding SubjectN.h5 (or sbj_N.npz for mindvis)")
     god.add_argument("--out", required=True, help="store folder")
     god.add_argument("--subjects", type=int, nargs="+", default=None, help="1-based subjects (default: all)")
     god.add_argument("--roi", default="ROI_VC", help="ROI metadata key selecting the voxels")
+    god.add_argument("--format", choices=("bdata", "mindvis"), default="bdata", help="layout under --root")
+    god.add_argument(
+        "--images", default=None, help="folder (any depth) holding the JPEG stimuli named in imageID_*.csv"
+    )
+    god.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="side of the stored square stimuli (default: 256 with --images, else native)",
+    )
+    god.add_argument(
+        "--class-names", default=None, help="WordNet id -> class name table (offline file), optional"
+    )
     god.add_argument("--force", action="store_true", help="rebuild an existing store")
+    god.add_argument("--no-progress", action="store_true", help="hide progress bars")
     god.set_defaults(func=_god)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
@@ -99,6 +117,17 @@ def _nsd(args) -> int:
 def _god(args) -> int:
     from fmrirecon.data.god import prepare_god
 
-    path = prepare_god(args.root, args.out, subjects=args.subjects, roi=args.roi, force=args.force)
+    path = prepare_god(
+        args.root,
+        args.out,
+        subjects=args.subjects,
+        roi=args.roi,
+        images=args.images,
+        image_size=args.image_size,
+        class_names=args.class_names,
+        format=args.format,
+        force=args.force,
+        progress=not args.no_progress,
+    )
     print(f"prepared store: {path}")
     return 0

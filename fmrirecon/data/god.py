@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmrirecon.data.nsd import N_CAPTIONS, zscore_session
+from fmrirecon.data.nsd import zscore_session
 from fmrirecon.data.store import STORE_FORMAT, STORE_VERSION, SUBJECT_FORMAT, subject_file_name
 from fmrirecon.errors import ConfigError, DatasetLayoutError, SubjectMismatchError
 from fmrirecon.io import atomic_path, library_versions, read_json, write_json_atomic, write_text_atomic
@@ -325,6 +325,22 @@ def read_god(path: str | os.PathLike) -> GodSubject:
 
 # ---- prepare -----------------------------------------------------------------------------------------------
 
+FORMATS = ("bdata", "mindvis")
+
+
+@dataclass
+class _PreparedSubject:
+    """One subject ready for the store: betas float32 (T, V) z-scored; trials: TRIAL_FIELDS -> (T,);
+    voxel_ijk int (V, 3); affine (4, 4); rois name -> bool (V,); n_sessions; normalisation (text)."""
+
+    betas: np.ndarray
+    trials: dict[str, np.ndarray]
+    voxel_ijk: np.ndarray
+    affine: np.ndarray
+    rois: dict[str, np.ndarray]
+    n_sessions: int
+    normalisation: str
+
 
 def prepare_god(
     root: str | os.PathLike,
@@ -332,114 +348,105 @@ def prepare_god(
     *,
     subjects: Sequence[int] | None = None,
     roi: str = "ROI_VC",
+    images: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    class_names: str | os.PathLike | None = None,
+    format: str = "bdata",
     force: bool = False,
+    progress: bool = True,
 ) -> Path:
-    """Prepare GOD BData (``SubjectN.h5``) + ``images.hdf5`` into the common store layout.
+    """Prepare GOD into the common store layout (``fmrirecon.data.store``).
 
-    Split: DataType 1 -> train, DataType 2 -> test ("shared"); imagery (DataType 3) is left out. Betas are
-    z-scored per voxel within each run. The store's ``image_id_73k`` is the row in ``images.hdf5``.
+    format ``"bdata"``: ``SubjectN.h5`` BData files in ``root``. Stimuli come from ``images`` when given — the
+    ImageNet files named in ``imageID_training.csv`` / ``imageID_test.csv`` (read from ``root``, else from
+    ``images``), found in any sub-folder of ``images``, centre-cropped and resized to ``image_size`` (default
+    256, :data:`fmrirecon.data.god_stimuli.DEFAULT_IMAGE_SIZE`) by
+    :func:`fmrirecon.data.god_stimuli.center_crop_resize` — else from the synthetic world's ``images.hdf5``
+    (native size unless ``image_size``). Split: DataType 1 -> train, DataType 2 -> test ("shared"); imagery
+    (DataType 3) is left out. Betas are z-scored per voxel within each run.
+
+    format ``"mindvis"``: MinD-Vis' ``sbj_N.npz`` + ``images_256.npz`` + label tables in ``root``
+    (:mod:`fmrirecon.data.god_mindvis`); ``roi`` ``ROI_VC`` reads the npz mask ``VC``. The npz has no runs, so
+    the training samples and the test samples are each one z-scoring block (sessions 1 and 2).
+
+    Image id ``r`` of the store is row ``r`` of the training table followed by the test table (of
+    ``images.hdf5`` for the synthetic world). ``stimuli.hdf5`` also records each image's ``stimulus_id``,
+    ``file_name``, WordNet id ``wnid`` and ``class_name`` (from the ``class_names`` table file, "" otherwise;
+    :func:`fmrirecon.data.god_stimuli.read_stimulus_labels`).
     """
-    import h5py
+    from tqdm.auto import tqdm
+
+    from fmrirecon.data.god_stimuli import read_class_names, write_store_stimuli
 
     root, out = Path(root).expanduser(), Path(out).expanduser()
+    if format not in FORMATS:
+        raise ConfigError(f"GOD format must be one of {FORMATS}, got {format!r}")
+    if image_size is not None and int(image_size) < 1:
+        raise ConfigError(f"image_size must be >= 1, got {image_size}")
+    if format == "mindvis" and images is not None:
+        raise ConfigError("--images reads BData + JPEG stimuli; the MinD-Vis format takes its images_256.npz")
+    if not root.is_dir():
+        raise DatasetLayoutError(f"GOD root {root} is not a folder")
     request = {
         "kind": "god",
         "root": str(root.resolve()),
         "subjects": subjects and [int(s) for s in subjects],
         "roi": roi,
     }
+    # Only non-default choices enter the request, so stores prepared before these options still match.
+    extra = {
+        "format": format if format != "bdata" else None,
+        "images": str(Path(images).expanduser().resolve()) if images is not None else None,
+        "image_size": image_size,
+        "class_names": str(Path(class_names).expanduser().resolve()) if class_names is not None else None,
+    }
+    request.update({k: v for k, v in extra.items() if v is not None})
     if out.exists() and not force:
         manifest_path = out / "manifest.json"
         if manifest_path.is_file() and read_json(manifest_path).get("request") == request:
             logger.info("%s is already prepared with these settings; nothing to do", out)
             return out
         raise DatasetLayoutError(f"{out} exists with other content or settings; pass --force to replace it")
-    available = subjects_in(root)
+    if format == "bdata":
+        available, file_of = subjects_in(root), subject_file
+    else:
+        from fmrirecon.data.god_mindvis import mindvis_subject_file, mindvis_subjects_in
+
+        available, file_of = mindvis_subjects_in(root), mindvis_subject_file
+    if not available:
+        expected = "SubjectN.h5 (BData)" if format == "bdata" else "sbj_N.npz (MinD-Vis)"
+        raise DatasetLayoutError(f"no GOD subject files in {root}: expected {expected}")
     chosen = [int(s) for s in subjects] if subjects else available
     for s in chosen:
         if s not in available:
             raise SubjectMismatchError(
-                f"unknown GOD subject {s}: expected {subject_file(root, s)}; found subjects {available}"
+                f"unknown GOD subject {s}: expected {file_of(root, s)}; found subjects {available}"
             )
-    images_path = root / IMAGES_FILE
-    if not images_path.is_file():
-        raise DatasetLayoutError(f"missing {images_path} (images and captions by stimulus_id)")
-    with h5py.File(images_path, "r") as f:
-        stim_ids = f["stimulus_id"][()]
-        images = f["images"][()]
-        captions = f["captions"].asstr()[()] if "captions" in f else np.full((len(stim_ids), N_CAPTIONS), "")
+    class_table = read_class_names(class_names) if class_names is not None else None
     start = time.perf_counter()
+    stimuli = _god_stimuli(root, format, images, image_size, class_table, progress)
     world_path = root / "fmrirecon_world.json"
     sessions: dict[str, int] = {}
     with atomic_path(out, suffix=".partial") as tmp:
         tmp.mkdir()
-        for s in chosen:
-            data = read_god(subject_file(root, s))
-            keep = np.isin(data.data_type, [1, 2])
-            if roi not in data.rois:
-                raise DatasetLayoutError(
-                    f"{subject_file(root, s)} has no ROI {roi!r}; found {sorted(data.rois)}"
-                )
-            voxels = data.rois[roi]
-            betas = data.betas[keep][:, voxels]
-            run = data.run[keep]
-            if not np.isfinite(betas).all():
-                raise DatasetLayoutError(f"{subject_file(root, s)} holds non-finite betas in {roi}")
-            for r in np.unique(run):
-                betas[run == r] = zscore_session(betas[run == r])
-            sessions[str(s)] = int(np.unique(run).size)
-            rows = _match_ids(data.stimulus_id[keep], stim_ids, subject_file(root, s))
-            shared = data.data_type[keep] == 2
-            repeat = np.zeros(rows.size, np.int64)
-            counts: dict[int, int] = {}
-            for n, image in enumerate(rows.tolist()):
-                repeat[n] = counts.get(image, 0)
-                counts[image] = repeat[n] + 1
-            ijk = (
-                data.voxel_ijk[voxels]
-                if data.voxel_ijk is not None
-                else np.zeros((int(voxels.sum()), 3), int)
-            )
-            with h5py.File(tmp / subject_file_name(s), "w") as f:
-                f.attrs.update(
-                    {
-                        "format": SUBJECT_FORMAT,
-                        "subject": s,
-                        "n_sessions": int(np.unique(run).size),
-                        "roi": roi,
-                        "normalisation": "z-score per voxel within each run",
-                    }
-                )
-                f.create_dataset("betas", data=betas.astype(np.float32))
-                trials = {
-                    "image_id_73k": rows,
-                    "session": run,
-                    "repeat": repeat,
-                    "shared": shared,
-                    "global_trial": np.arange(rows.size),
-                    "trial_in_session": data.block[keep] - 1,
-                }
-                for name, values in trials.items():
-                    f.create_dataset(f"trials/{name}", data=values)
-                f.create_dataset("voxel_ijk", data=ijk.astype(np.int32))
-                f.create_dataset("affine", data=_affine_from(ijk, data.voxel_xyz[voxels]))
-                for name, mask in data.rois.items():
-                    f.create_dataset(f"rois/{name}", data=mask[voxels].astype(np.int16))
-        with h5py.File(tmp / "stimuli.hdf5", "w") as f:
-            f.create_dataset("ids_73k", data=np.arange(len(stim_ids), dtype=np.int64))
-            f.create_dataset("images", data=images)
-            f.create_dataset(
-                "captions", data=np.asarray(captions, dtype=object), dtype=h5py.string_dtype("utf-8")
-            )
+        for s in tqdm(chosen, desc="GOD subjects", disable=not progress):
+            if format == "bdata":
+                prepared = _bdata_subject(subject_file(root, s), roi, stimuli)
+            else:
+                prepared = _mindvis_subject(file_of(root, s), roi, stimuli)
+            sessions[str(s)] = prepared.n_sessions
+            _write_subject(tmp / subject_file_name(s), s, roi, prepared)
+        write_store_stimuli(tmp / "stimuli.hdf5", stimuli)
         write_json_atomic(
             tmp / "manifest.json",
             {
                 "format": STORE_FORMAT,
                 "version": STORE_VERSION,
-                "source": {"kind": "god", "root": str(root.resolve())},
+                "source": {"kind": "god", "root": str(root.resolve()), "format": format},
                 "subjects": chosen,
                 "sessions": sessions,
                 "roi": roi,
+                "stimuli": stimuli.manifest,
                 "world": read_json(world_path) if world_path.is_file() else None,
                 "request": request,
                 "versions": library_versions(),
@@ -449,21 +456,134 @@ def prepare_god(
     return out
 
 
-def _match_ids(sample_ids: np.ndarray, image_ids: np.ndarray, path: Path) -> np.ndarray:
-    """Row of ``image_ids`` for each sample's stimulus_id (compared at the 6-digit image-number precision)."""
-    order = np.argsort(image_ids)
-    pos = np.clip(np.searchsorted(image_ids[order], sample_ids), 0, len(image_ids) - 1)
-    left = np.clip(pos - 1, 0, len(image_ids) - 1)
-    best = np.where(
-        np.abs(image_ids[order][left] - sample_ids) < np.abs(image_ids[order][pos] - sample_ids), left, pos
-    )
-    rows = order[best]
-    bad = np.abs(image_ids[rows] - sample_ids) > 0.5 / IMAGE_NUMBER_SCALE
-    if bad.any():
-        raise DatasetLayoutError(
-            f"{path}: stimulus_id {sample_ids[bad][0]:.6f} has no image in {IMAGES_FILE}"
+def _god_stimuli(root: Path, format: str, images, image_size, class_table, progress: bool):
+    from fmrirecon.data import god_stimuli
+
+    if format == "mindvis":
+        from fmrirecon.data.god_mindvis import read_mindvis_stimuli
+
+        return read_mindvis_stimuli(root, image_size=image_size, class_names=class_table)
+    if images is not None:
+        images = Path(images).expanduser()
+        table = god_stimuli.find_image_tables([root, images])
+        return god_stimuli.stimuli_from_folder(
+            table, images, image_size=image_size, class_names=class_table, progress=progress
         )
-    return rows.astype(np.int64)
+    if not (root / IMAGES_FILE).is_file():
+        raise DatasetLayoutError(
+            f"no stimuli for {root}: pass --images DIR (the ImageNet files named in imageID_training.csv / "
+            f"imageID_test.csv), or use the synthetic world's {IMAGES_FILE} (missing: {root / IMAGES_FILE})"
+        )
+    return god_stimuli.stimuli_from_images_hdf5(
+        root / IMAGES_FILE, image_size=image_size, class_names=class_table
+    )
+
+
+def _bdata_subject(path: Path, roi: str, stimuli) -> _PreparedSubject:
+    from fmrirecon.data.god_stimuli import match_stimulus_ids
+
+    data = read_god(path)
+    if roi not in data.rois:
+        raise DatasetLayoutError(f"{path} has no ROI {roi!r}; found {sorted(data.rois)}")
+    keep = np.isin(data.data_type, [1, 2])
+    voxels = data.rois[roi]
+    betas = data.betas[keep][:, voxels]
+    run = data.run[keep]
+    if not np.isfinite(betas).all():
+        raise DatasetLayoutError(f"{path} holds non-finite betas in {roi}")
+    for r in np.unique(run):
+        betas[run == r] = zscore_session(betas[run == r])
+    rows = match_stimulus_ids(data.stimulus_id[keep], stimuli, path)
+    ijk = data.voxel_ijk[voxels] if data.voxel_ijk is not None else np.zeros((int(voxels.sum()), 3), int)
+    trials = {
+        "image_id_73k": rows,
+        "session": run,
+        "repeat": _repeat_index(rows),
+        "shared": data.data_type[keep] == 2,
+        "global_trial": np.arange(rows.size),
+        "trial_in_session": data.block[keep] - 1,
+    }
+    return _PreparedSubject(
+        betas=betas,
+        trials=trials,
+        voxel_ijk=ijk,
+        affine=_affine_from(ijk, data.voxel_xyz[voxels]),
+        rois={name: mask[voxels] for name, mask in data.rois.items()},
+        n_sessions=int(np.unique(run).size),
+        normalisation="z-score per voxel within each run",
+    )
+
+
+def _mindvis_subject(path: Path, roi: str, stimuli) -> _PreparedSubject:
+    from fmrirecon.data.god_mindvis import read_mindvis_subject
+
+    data = read_mindvis_subject(path)
+    key = roi[len("ROI_") :] if roi.startswith("ROI_") else roi
+    if key not in data.rois:
+        raise DatasetLayoutError(f"{path} has no ROI {key!r} (asked for {roi!r}); found {sorted(data.rois)}")
+    n_train = int((stimuli.source == stimuli.source[0]).sum())
+    for name, index, limit in (("arr_3", data.train_images, n_train),
+                               ("arr_4", data.test_images, len(stimuli.stimulus_id) - n_train)):  # fmt: skip
+        if index.size and (index.min() < 0 or index.max() >= limit):
+            raise DatasetLayoutError(
+                f"{path}: {name} indexes images 0..{limit - 1}, found {index.min()}..{index.max()}"
+            )
+    voxels = data.rois[key]
+    blocks = [data.train_betas[:, voxels], data.test_betas[:, voxels]]
+    if not all(np.isfinite(b).all() for b in blocks):
+        raise DatasetLayoutError(f"{path} holds non-finite fMRI values in {key}")
+    rows = np.concatenate([data.train_images, n_train + data.test_images])
+    n = [len(b) for b in blocks]
+    trials = {
+        "image_id_73k": rows,
+        "session": np.repeat([1, 2], n),
+        "repeat": _repeat_index(rows),
+        "shared": np.repeat([False, True], n),
+        "global_trial": np.arange(rows.size),
+        "trial_in_session": np.concatenate([np.arange(k) for k in n]),
+    }
+    test = "averaged test samples (arr_2)" if data.test_averaged else "single test trials (arr_1)"
+    return _PreparedSubject(
+        betas=np.concatenate([zscore_session(b) for b in blocks]),
+        trials=trials,
+        voxel_ijk=np.zeros((int(voxels.sum()), 3), np.int64),
+        affine=np.eye(4),
+        rois={f"ROI_{name}": mask[voxels] for name, mask in data.rois.items()},
+        n_sessions=2,
+        normalisation=f"z-score per voxel within the training samples and within the {test}",
+    )
+
+
+def _repeat_index(rows: np.ndarray) -> np.ndarray:
+    """0-based presentation count of each trial's image up to that trial; int64 (T,)."""
+    repeat = np.zeros(rows.size, np.int64)
+    counts: dict[int, int] = {}
+    for n, image in enumerate(rows.tolist()):
+        repeat[n] = counts.get(image, 0)
+        counts[image] = repeat[n] + 1
+    return repeat
+
+
+def _write_subject(path: Path, subject: int, roi: str, prepared: _PreparedSubject) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs.update(
+            {
+                "format": SUBJECT_FORMAT,
+                "subject": subject,
+                "n_sessions": prepared.n_sessions,
+                "roi": roi,
+                "normalisation": prepared.normalisation,
+            }
+        )
+        f.create_dataset("betas", data=prepared.betas.astype(np.float32))
+        for name, values in prepared.trials.items():
+            f.create_dataset(f"trials/{name}", data=values)
+        f.create_dataset("voxel_ijk", data=prepared.voxel_ijk.astype(np.int32))
+        f.create_dataset("affine", data=prepared.affine)
+        for name, mask in prepared.rois.items():
+            f.create_dataset(f"rois/{name}", data=mask.astype(np.int16))
 
 
 def _affine_from(ijk: np.ndarray, xyz: np.ndarray) -> np.ndarray:
