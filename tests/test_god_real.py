@@ -146,6 +146,34 @@ def test_store_from_jpeg_folder_equals_store_from_images_hdf5(god_user, image_si
     assert got_store.manifest["stimuli"]["image_size"] == image_size
 
 
+def test_bdpy_variants_of_the_bdata_layout_prepare_the_same_store(god_user):
+    """Per-sample columns before the voxels, variable-length string keys, /header and /vmap groups: the
+    column order and extras bdpy files may carry change nothing in the store."""
+    base, root, user, stimuli, _ = god_user
+    variant = base / "bdpy_variant"
+    shutil.copytree(user, variant)
+    for s in (1, 2):
+        with h5py.File(user / f"Subject{s}.h5", "r") as f:
+            dataset, keys = f["dataset"][()], [k.decode() for k in f["metadata/key"][()]]
+            description, value = f["metadata/description"][()], f["metadata/value"][()]
+        voxel = value[keys.index("VoxelData")] == 1
+        order = np.concatenate([np.flatnonzero(~voxel), np.flatnonzero(voxel)])  # samples first
+        with h5py.File(variant / f"Subject{s}.h5", "w") as f:
+            f["dataset"] = dataset[:, order]
+            f.create_dataset("metadata/key", data=np.array(keys, dtype=object), dtype=h5py.string_dtype())
+            f["metadata/description"] = description
+            f["metadata/value"] = value[:, order]
+            f["header/ctime"] = b"2017-01-01 00:00:00"
+            f["vmap/stimulus_id/1"] = b"n01518878_5958.JPEG"
+    ref = _store_arrays(prepare_god(root, base / "bdpy_ref", image_size=16, progress=False))
+    got = _store_arrays(
+        prepare_god(variant, base / "bdpy_got", images=stimuli, image_size=16, progress=False)
+    )
+    for s in (1, 2):
+        for key, array in ref[1][s].items():
+            np.testing.assert_array_equal(got[1][s][key], array, err_msg=f"subject {s} {key}")
+
+
 def test_store_labels_are_the_wordnet_ids_of_the_tables(god_user):
     base, _, user, stimuli, table = god_user
     out = prepare_god(user, base / "labels", images=stimuli, image_size=16, class_names=table, progress=False)
