@@ -330,7 +330,7 @@ def test_cli_prepares_real_god_layout(god_user, capsys):
 # ---- MinD-Vis npz ------------------------------------------------------------------------------------------
 
 
-def _write_mindvis(god_user, folder, *, single_trials=True, float_images=True):
+def _write_mindvis(god_user, folder, *, single_trials=True, images_as="float 0-255"):
     """MinD-Vis' data/Kamitani/npz from the same synthetic GOD (the SelfSuperReconst arrangement)."""
     base, root, user, _, _ = god_user
     folder.mkdir()
@@ -340,10 +340,12 @@ def _write_mindvis(god_user, folder, *, single_trials=True, float_images=True):
     test_ids, _ = read_image_table(user / "imageID_test.csv")
     train_images = world_images[_rows_by_id(world_ids, train_ids)]
     test_images = world_images[_rows_by_id(world_ids, test_ids)]
-    as_float = (lambda x: x.astype(np.float32)) if float_images else (lambda x: x)
-    np.savez(
-        folder / "images_256.npz", train_images=as_float(train_images), test_images=as_float(test_images)
-    )
+    convert = {
+        "float 0-255": lambda x: x.astype(np.float32),  # MinD-Vis divides by 255
+        "float 0-1": lambda x: x.astype(np.float32) / 255,  # SelfSuperReconst's images_112.npz
+        "uint8": lambda x: x,
+    }[images_as]
+    np.savez(folder / "images_256.npz", train_images=convert(train_images), test_images=convert(test_images))
     shutil.copy(user / "imageID_training.csv", folder / "imagenet_training_label.csv")
     shutil.copy(user / "imageID_test.csv", folder / "imagenet_testing_label.csv")
     wnids = sorted({f"n{int(i):08d}" for i in np.concatenate([train_ids, test_ids])})
@@ -409,11 +411,13 @@ def test_mindvis_npz_prepares_the_same_images_and_trials(god_user):
 def test_mindvis_averaged_test_only_and_errors(god_user):
     base = god_user[0]
     folder = base / "mindvis_avg"
-    raw = _write_mindvis(god_user, folder, single_trials=False, float_images=False)
+    raw = _write_mindvis(god_user, folder, single_trials=False, images_as="float 0-1")
     store = PreparedStore(
         prepare_god(folder, base / "mv_avg", format="mindvis", subjects=[2], progress=False)
     )
     subject = store.subject(2)
+    with h5py.File(god_user[1] / "images.hdf5", "r") as f:
+        np.testing.assert_array_equal(store.images(np.arange(46)), f["images"][()])  # [0, 1] floats rescaled
     assert subject.split_rows("test").size == 6 and subject.split_ids("test").tolist() == list(range(40, 46))
     np.testing.assert_allclose(subject.betas(subject.split_rows("test")), _zscore(raw[2]["arr_2"]), atol=2e-5)
     with pytest.raises(DatasetLayoutError, match=r"sbj_1\.npz has no ROI 'FOO'"):

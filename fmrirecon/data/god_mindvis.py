@@ -41,6 +41,7 @@ from fmrirecon.data.god_stimuli import (
     read_class_names,
     wnid_of,
 )
+from fmrirecon.data.nsd import N_CAPTIONS
 from fmrirecon.errors import DatasetLayoutError
 
 IMAGES_NPZ = "images_256.npz"
@@ -167,8 +168,6 @@ def read_mindvis_stimuli(
     if class_names is None and (root / CLASS_INDEX).is_file():
         class_names = read_class_names(root / CLASS_INDEX)
     wnids = wnid_of(table.stimulus_id)
-    from fmrirecon.data.nsd import N_CAPTIONS
-
     return GodStimuli(
         images=images,
         stimulus_id=table.stimulus_id,
@@ -193,7 +192,8 @@ def _as_uint8(images: np.ndarray, path: Path, key: str) -> np.ndarray:
         raise DatasetLayoutError(f"{path}: {key} must be (n, H, W, 3), got {images.shape}")
     if images.dtype == np.uint8:
         return images
-    images = images.astype(np.float64)
-    if images.size and np.nanmax(images) <= 1.0:  # SelfSuperReconst-style copies hold [0, 1]
-        images = images * 255.0
-    return np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    scale = 255.0 if images.size and np.nanmax(images) <= 1.0 else 1.0  # SelfSuperReconst copies: [0, 1]
+    out = np.empty(images.shape, np.uint8)
+    for start in range(0, len(images), 64):  # chunks: a float64 copy of all 1250 images would be ~2 GB
+        out[start : start + 64] = np.clip(np.rint(images[start : start + 64] * scale), 0, 255)
+    return out

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fmrirecon.data.god import split_stimulus_id
+from fmrirecon.data.nsd import N_CAPTIONS
 from fmrirecon.errors import DatasetLayoutError
 
 logger = logging.getLogger(__name__)
@@ -101,16 +103,12 @@ class GodStimuli:
 
 def wnid_of(stimulus_id: np.ndarray) -> np.ndarray:
     """WordNet ids of GOD stimulus ids: ``1518878.005958 -> 'n01518878'``; str (N,)."""
-    from fmrirecon.data.god import split_stimulus_id
-
     synset, _ = split_stimulus_id(np.atleast_1d(stimulus_id))
     return np.array([f"n{int(s):08d}" for s in synset], dtype=object).astype(str)
 
 
 def god_file_name(stimulus_id: np.ndarray) -> np.ndarray:
     """GOD's file name of each stimulus id: ``1518878.005958 -> 'n01518878_5958.JPEG'``; str (N,)."""
-    from fmrirecon.data.god import split_stimulus_id
-
     synset, number = split_stimulus_id(np.atleast_1d(stimulus_id))
     return np.array([f"n{int(s):08d}_{int(k)}.JPEG" for s, k in zip(synset, number)], dtype=object).astype(
         str
@@ -358,7 +356,7 @@ def stimuli_from_folder(
         file_name=table.file_name,
         wnid=wnids,
         class_name=class_names_for(wnids, class_names),
-        captions=np.full((len(table), _n_captions()), "", dtype=object).astype(str),
+        captions=np.full((len(table), N_CAPTIONS), "", dtype=object).astype(str),
         source=table.table_names(),
         manifest={
             "images": str(Path(images_dir).expanduser().resolve()),
@@ -391,7 +389,7 @@ def stimuli_from_images_hdf5(
         ids = f["stimulus_id"][()].astype(np.float64)
         images = f["images"][()]
         n = len(ids)
-        captions = f["captions"].asstr()[()] if "captions" in f else np.full((n, _n_captions()), "")
+        captions = f["captions"].asstr()[()] if "captions" in f else np.full((n, N_CAPTIONS), "")
     if image_size is not None:
         images = np.stack([center_crop_resize(im, image_size) for im in images]) if n else images
     wnids = wnid_of(ids)
@@ -405,12 +403,6 @@ def stimuli_from_images_hdf5(
         source=np.full(n, path.name),
         manifest={"images": str(path.resolve()), "image_size": image_size, "crop": CROP_RECIPE},
     )
-
-
-def _n_captions() -> int:
-    from fmrirecon.data.nsd import N_CAPTIONS
-
-    return N_CAPTIONS
 
 
 # ---- matching samples to images ----------------------------------------------------------------------------
