@@ -162,7 +162,7 @@ def parameter_counts() -> dict[str, int]:
     return counts
 
 
-def bench_world(n_images: int = 8, num_steps: int = 50, guidance_scale: float = 4.0) -> dict:
+def bench_world(n_images: int = 8, num_steps: int = 50, cfg_scale: float = 4.0) -> dict:
     from fmrirecon.backbones.diffusion import LatentDiffusion
     from fmrirecon.backbones.sampling import text_to_image
     from fmrirecon.backbones.world.train import WorldTrainConfig, full_caption
@@ -172,7 +172,7 @@ def bench_world(n_images: int = 8, num_steps: int = 50, guidance_scale: float = 
     captions = [full_caption(c) for c in make_world(n_images, seed=WorldTrainConfig().heldout_seed).captions]
     text_to_image(ld, captions[:1], num_steps=2, progress=False)  # warm-up
     t0 = time.perf_counter()
-    text_to_image(ld, captions, num_steps=num_steps, guidance_scale=guidance_scale, progress=False)
+    text_to_image(ld, captions, num_steps=num_steps, cfg_scale=cfg_scale, progress=False)
     elapsed = time.perf_counter() - t0
     return {
         "world_batch": n_images,

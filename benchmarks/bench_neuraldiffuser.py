@@ -361,7 +361,7 @@ def main(argv=None) -> int:
 
     _, world_cfg = method_config("neuraldiffuser", args.overrides)
     if args.weights_dir:
-        from fmrirecon.backbones.world import load_world_backbones
+        from fmrirecon.backbones.world.load import load_world_backbones
 
         clip, ld = load_world_backbones(args.weights_dir)
     else:

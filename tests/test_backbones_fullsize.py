@@ -81,7 +81,7 @@ def test_one_sd14_sampling_step_at_full_size(bench):
         ld,
         context,
         uncond=ld.empty_text_embedding(),
-        guidance_scale=7.5,
+        cfg_scale=7.5,
         num_steps=1,
         generator=torch.Generator().manual_seed(0),
         progress=False,

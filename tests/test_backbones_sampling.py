@@ -37,13 +37,13 @@ def test_same_seed_same_latents_other_seed_differs(ld, context):
 
 def test_guidance_scale_one_equals_conditional_prediction(ld, context):
     uncond = ld.empty_text_embedding()
-    assert torch.equal(sample(ld, context, uncond=uncond, guidance_scale=1.0), sample(ld, context))
-    assert not torch.allclose(sample(ld, context, uncond=uncond, guidance_scale=4.0), sample(ld, context))
+    assert torch.equal(sample(ld, context, uncond=uncond, cfg_scale=1.0), sample(ld, context))
+    assert not torch.allclose(sample(ld, context, uncond=uncond, cfg_scale=4.0), sample(ld, context))
 
 
 def test_cfg_combines_the_two_branches(ld, context):
     seen: list[StepState] = []
-    sample(ld, context, uncond=ld.empty_text_embedding(), guidance_scale=4.0, step_hook=seen.append)
+    sample(ld, context, uncond=ld.empty_text_embedding(), cfg_scale=4.0, step_hook=seen.append)
     for state in seen:
         expected = state.noise_pred_uncond + 4.0 * (state.noise_pred_cond - state.noise_pred_uncond)
         torch.testing.assert_close(state.noise_pred, expected)
@@ -130,10 +130,10 @@ def test_live_control_branch_is_called_every_step(ld, context):
 
     with torch.no_grad():
         out = sample(
-            ld, context, down_residuals=control, uncond=ld.empty_text_embedding(), guidance_scale=3.0
+            ld, context, down_residuals=control, uncond=ld.empty_text_embedding(), cfg_scale=3.0
         )
     assert len(calls) == STEPS and calls == sorted(calls, reverse=True)
-    assert not torch.allclose(out, sample(ld, context, uncond=ld.empty_text_embedding(), guidance_scale=3.0))
+    assert not torch.allclose(out, sample(ld, context, uncond=ld.empty_text_embedding(), cfg_scale=3.0))
 
 
 def test_step_hook_sees_every_step_and_its_change_takes_effect(ld, context):
@@ -216,7 +216,7 @@ class _GradGuide:
 def test_reusing_the_conditional_graph_equals_a_second_unet_pass(ld, context, cfg, sag_scale):
     """A hook that asks for the graph differentiates the step's own conditional pass: same result as
     re-running the UNet with grad, one UNet pass fewer per guided step."""
-    kwargs = dict(uncond=ld.empty_text_embedding(), guidance_scale=cfg, sag_scale=sag_scale)
+    kwargs = dict(uncond=ld.empty_text_embedding(), cfg_scale=cfg, sag_scale=sag_scale)
     reuse, rerun = _GradGuide(ld, True), _GradGuide(ld, False)
     a = sample(ld, context, step_hook=reuse, **kwargs)
     b = sample(ld, context, step_hook=rerun, **kwargs)
@@ -281,9 +281,9 @@ def test_sag_changes_samples_deterministically_and_restores_the_unet(ld, context
     attn = _mid_attention(ld)
     original = attn.processor
     uncond = ld.empty_text_embedding()
-    plain = sample(ld, context, uncond=uncond, guidance_scale=4.0)
-    a = sample(ld, context, uncond=uncond, guidance_scale=4.0, sag_scale=0.75)
-    b = sample(ld, context, uncond=uncond, guidance_scale=4.0, sag_scale=0.75)
+    plain = sample(ld, context, uncond=uncond, cfg_scale=4.0)
+    a = sample(ld, context, uncond=uncond, cfg_scale=4.0, sag_scale=0.75)
+    b = sample(ld, context, uncond=uncond, cfg_scale=4.0, sag_scale=0.75)
     assert torch.equal(a, b) and not torch.allclose(a, plain)
     assert attn.processor is original
     assert not torch.allclose(sample(ld, context, sag_scale=0.75), sample(ld, context))

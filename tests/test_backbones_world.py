@@ -256,7 +256,7 @@ class TestShippedWeights:
         captions' true scenes (chance 0.5; the shipped weights reach 0.95 on 100 captions × 50 steps)."""
         from fmrirecon.backbones.clip import ClipEmbedder
         from fmrirecon.backbones.diffusion import LatentDiffusion
-        from fmrirecon.backbones.world.train import check_world_backbones
+        from fmrirecon.evaluation.world_backbones import check_world_backbones
 
         heldout = make_world(100, seed=WorldTrainConfig().heldout_seed)  # retrieval pools of 100
         figures = check_world_backbones(

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fmrirecon.backbones.hub import resolve_local_folder, tokenize_texts
 from fmrirecon.errors import WeightsUnavailableError
 
 # OpenAI CLIP's normalisation (its preprocessor_config.json / the original clip package)
@@ -25,18 +26,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # keys transformers writes into tokenizer_config.json after a load from a folder (how it was loaded, not what)
 _LOAD_TIME_KEYS = ("is_local", "local_files_only", "name_or_path", "_name_or_path")
-
-
-def tokenize_texts(tokenizer, texts: list[str] | str, context_length: int) -> torch.Tensor:
-    """Token ids ``(B, context_length)`` from a Hugging Face tokenizer, padded or truncated."""
-    if isinstance(texts, str):
-        texts = [texts]
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"texts must be a non-empty list of strings, got {texts!r:.80}")
-    tokens = tokenizer(
-        list(texts), padding="max_length", max_length=context_length, truncation=True, return_tensors="pt"
-    )
-    return tokens.input_ids
 
 
 class ClipEmbedder(torch.nn.Module):
@@ -70,8 +59,6 @@ class ClipEmbedder(torch.nn.Module):
     def from_pretrained(cls, hub_id_or_dir: str | os.PathLike) -> ClipEmbedder:
         """Load ``CLIPModel`` + tokenizer (+ ``preprocessor_config.json`` settings if present), offline."""
         from transformers import AutoTokenizer, CLIPModel
-
-        from fmrirecon.backbones.diffusion import resolve_local_folder
 
         folder = resolve_local_folder(hub_id_or_dir, "CLIP")
         if not (folder / "config.json").is_file():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fmrirecon.backbones.clip import tokenize_texts
+from fmrirecon.backbones.hub import resolve_local_folder, tokenize_texts
 from fmrirecon.errors import WeightsUnavailableError
 
 # diffusers' Stable Diffusion folder layout: component -> the file that must be there
@@ -30,35 +30,6 @@ SD_COMPONENTS = {
     "tokenizer": "tokenizer_config.json",
 }
 SD_LAYOUT = "expected vae/, unet/, scheduler/, text_encoder/, tokenizer/"
-
-
-def resolve_local_folder(hub_id_or_dir: str | os.PathLike, what: str) -> Path:
-    """Return the local folder holding ``hub_id_or_dir``, never downloading.
-
-    An existing folder is used as is. A string shaped like a hub id (``"name"`` or ``"org/name"``) is looked
-    up in the local Hugging Face cache only; a miss raises :class:`WeightsUnavailableError` saying how to
-    provide it.
-    """
-    text = str(hub_id_or_dir)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return path
-    looks_like_path = path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
-    if looks_like_path:
-        raise WeightsUnavailableError(
-            f"{what}: folder {text} does not exist (expected a local folder or a hub id)"
-        )
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id=text, local_files_only=True))
-    except Exception as err:  # cache miss or malformed id; the message below is what the user needs
-        raise WeightsUnavailableError(
-            f"{what}: {text!r} is neither a local folder nor in the local Hugging Face cache "
-            f"({type(err).__name__}); fmrirecon never downloads weights - run "
-            f"`huggingface-cli download {text}` where there is network access, "
-            "or pass the path of a local folder"
-        ) from err
 
 
 def check_sd_folder(folder: Path, components: tuple[str, ...] = tuple(SD_COMPONENTS)) -> None:
@@ -232,11 +203,25 @@ def _check_images(images: torch.Tensor, multiple: int) -> None:
         )
 
 
+def load_world_latent_diffusion(weights_dir: Path, text_encoder, tokenizer) -> LatentDiffusion:
+    """The world latent diffusion model in ``weights_dir/latent_diffusion`` (diffusers ``vae/``, ``unet/``,
+    ``scheduler/``) with the given text encoder and tokenizer (the world CLIP's text tower: one module)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    folder = Path(weights_dir) / "latent_diffusion"
+    check_sd_folder(folder, ("vae", "unet", "scheduler"))
+    local = {"local_files_only": True}
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **local)
+    # the UNet ships in float16 (file size); compute in float32 on CPU
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32, **local)
+    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", **local)
+    return LatentDiffusion(vae, unet, scheduler, text_encoder, tokenizer)
+
+
 @functools.lru_cache(maxsize=1)
 def _world_latent_diffusion() -> LatentDiffusion:
     from fmrirecon.backbones.clip import ClipEmbedder
-    from fmrirecon.backbones.world import WEIGHTS_DIR, load_world_backbones
+    from fmrirecon.backbones.world import WEIGHTS_DIR
 
     clip = ClipEmbedder.world()
-    _, ld = load_world_backbones(WEIGHTS_DIR, clip=clip)
-    return ld
+    return load_world_latent_diffusion(WEIGHTS_DIR, clip.model.text_model, clip.tokenizer)

@@ -176,7 +176,7 @@ def ddim_sample(
     context: torch.Tensor,
     *,
     uncond: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
+    cfg_scale: float = 1.0,
     num_steps: int = 50,
     init_latents: torch.Tensor | None = None,
     strength: float = 1.0,
@@ -195,8 +195,8 @@ def ddim_sample(
         ld: the latent diffusion backbone.
         context: conditional context ``(B, L, D)`` (text tokens, or brain-predicted ones).
         uncond: unconditional context ``(1 or B, L, D)``, e.g. ``ld.empty_text_embedding()``; used when
-            ``guidance_scale != 1``.
-        guidance_scale: classifier-free guidance scale ``s``; 1 means the conditional prediction alone.
+            ``cfg_scale != 1``.
+        cfg_scale: classifier-free guidance scale ``s``; 1 means the conditional prediction alone.
         num_steps: DDIM steps over the full schedule.
         init_latents: ``(B, C, h, w)`` img2img start (scaled latents); ``None`` starts from pure noise.
         strength: fraction of the schedule to run from ``init_latents`` (0 returns them unchanged, 1 = all).
@@ -220,7 +220,7 @@ def ddim_sample(
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    use_cfg = uncond is not None and guidance_scale != 1.0
+    use_cfg = uncond is not None and cfg_scale != 1.0
     if use_cfg:
         _check_context(ld, uncond, what="uncond", batch=(1, batch))
     device, dtype = ld.device, ld.dtype
@@ -295,7 +295,7 @@ def ddim_sample(
                 sag_probs = sag.branch_maps(batch) if sag_probs is None else sag_probs
                 sag.keep_maps(False)
             eps_c = eps_cond.detach()
-            eps = eps_uncond + guidance_scale * (eps_c - eps_uncond) if use_cfg else eps_c
+            eps = eps_uncond + cfg_scale * (eps_c - eps_uncond) if use_cfg else eps_c
             if sag is not None:
                 branch = eps_uncond if use_cfg else eps_c
                 with torch.no_grad():
@@ -330,7 +330,7 @@ def text_to_image(
     ld: LatentDiffusion,
     texts: list[str],
     *,
-    guidance_scale: float = 7.5,
+    cfg_scale: float = 7.5,
     num_steps: int = 50,
     seed: int = 0,
     progress: bool = True,
@@ -341,7 +341,7 @@ def text_to_image(
         ld,
         ld.encode_text(texts),
         uncond=ld.empty_text_embedding(),
-        guidance_scale=guidance_scale,
+        cfg_scale=cfg_scale,
         num_steps=num_steps,
         generator=generator,
         progress=progress,

@@ -3,7 +3,7 @@
 fmrirecon backbones info [--sd HUB_ID_OR_DIR] [--clip HUB_ID_OR_DIR]   # sizes read from the configs
 fmrirecon backbones train-world [--stages clip,clip_vision,vae,unet,vae_decoder] [--weights-dir DIR]
                                 [--work-dir DIR] [--set KEY=VALUE ...]
-fmrirecon backbones check-world [--weights-dir DIR] [--n-generate 100] [--guidance-scale 4] [--out JSON]
+fmrirecon backbones check-world [--weights-dir DIR] [--n-generate 100] [--cfg-scale 4] [--out JSON]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     check.add_argument("--weights-dir", default=None, help="weights folder (default: the package's)")
     check.add_argument("--n-heldout", type=int, default=300)
     check.add_argument("--n-generate", type=int, default=100)
-    check.add_argument("--guidance-scale", type=float, default=4.0)
+    check.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale")
     check.add_argument("--steps", type=int, default=50)
     check.add_argument("--out", default=None, help="write the figures to this JSON file")
     check.set_defaults(func=_check_world)
@@ -89,12 +89,13 @@ def _train_world(args) -> int:
 def _check_world(args) -> int:
     from fmrirecon.backbones.clip import ClipEmbedder
     from fmrirecon.backbones.diffusion import LatentDiffusion
-    from fmrirecon.backbones.world.train import WorldTrainConfig, check_world_backbones
+    from fmrirecon.backbones.world.train import WorldTrainConfig
     from fmrirecon.data.world import make_world
+    from fmrirecon.evaluation.world_backbones import check_world_backbones
     from fmrirecon.io import write_json_atomic
 
     if args.weights_dir:
-        from fmrirecon.backbones.world import load_world_backbones
+        from fmrirecon.backbones.world.load import load_world_backbones
 
         clip, ld = load_world_backbones(_weights_dir(args.weights_dir))
     else:
@@ -105,7 +106,7 @@ def _check_world(args) -> int:
         ld,
         heldout,
         n_generate=args.n_generate,
-        guidance_scale=args.guidance_scale,
+        cfg_scale=args.cfg_scale,
         num_steps=args.steps,
     )
     print(json.dumps(figures, indent=2))

@@ -265,7 +265,7 @@ def reconstruct_images(
             ld,
             context,
             uncond=uncond,
-            guidance_scale=settings.cfg_scale,
+            cfg_scale=settings.cfg_scale,
             num_steps=settings.num_steps,
             init_latents=start,
             strength=settings.strength,

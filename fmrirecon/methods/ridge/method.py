@@ -301,7 +301,7 @@ class RidgeMethod(ReconMethod):
                             ld,
                             ctx,
                             uncond=uncond,
-                            guidance_scale=cfg.guidance_scale,
+                            cfg_scale=cfg.guidance_scale,
                             num_steps=cfg.num_steps,
                             init_latents=z_b,
                             strength=cfg.strength,
