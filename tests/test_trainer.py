@@ -189,12 +189,35 @@ def test_frozen_submodule_and_parameter_groups(tmp_path):
 
 
 def test_same_seed_same_weights_different_seed_different_weights(tmp_path):
+    """The whole trained state follows the seed: every weight, every optimiser moment (the last checkpoint),
+    every logged loss. Runs start from identical weights, so only the trainer's seed (data order, dropout)
+    can tell them apart."""
     config = TrainConfig(epochs=1, lr=1e-2, progress=False)
     models = [make_model() for _ in range(3)]
     for i, (model, seed) in enumerate(zip(models, [0, 0, 1])):
         Trainer(config, tmp_path / str(i), seed=seed).fit(model, make_loader(), "s")
-    assert torch.equal(models[0].head.weight, models[1].head.weight)
-    assert not torch.equal(models[0].head.weight, models[2].head.weight)
+    weights = [m.state_dict() for m in models]
+    checkpoints = [
+        load_file(str(tmp_path / str(i) / "s" / "checkpoints" / "step_00000010.safetensors"))
+        for i in range(3)
+    ]
+    losses = [
+        [json.loads(x)["loss"] for x in (tmp_path / str(i) / "s" / "metrics.jsonl").read_text().splitlines()]
+        for i in range(3)
+    ]
+    assert set(weights[0]) == {"encoder.weight", "encoder.bias", "head.weight", "head.bias"}
+    assert any(k.startswith("optim.state.") for k in checkpoints[0]) and len(losses[0]) == 10
+    for same in (weights, checkpoints):
+        assert same[0].keys() == same[1].keys() == same[2].keys()
+        for name in same[0]:
+            assert torch.equal(same[0][name], same[1][name]), f"seed 0 twice: {name} differs"
+    assert losses[0] == losses[1]
+    # another seed moves every parameter and every optimiser moment (step counts aside), and the loss curve
+    for name, tensor in checkpoints[0].items():
+        if not name.endswith(".step"):
+            assert not torch.equal(tensor, checkpoints[2][name]), f"seeds 0 and 1: {name} is identical"
+    assert all(not torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    assert losses[0] != losses[2]
 
 
 def test_stages_may_switch_to_bf16_autocast_in_one_process(tmp_path):
