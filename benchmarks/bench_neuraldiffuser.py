@@ -72,7 +72,8 @@ def world_store(out: Path, seed: int = 0, n_unique: int = 500):
 
 # %% parameter counts
 def count_parameters() -> dict:
-    from fmrirecon.methods.neuraldiffuser.model import NSD_VOXELS, LatentDecoder, SemanticDecoder
+    from fmrirecon.data.nsd_facts import NSDGENERAL_VOXELS as NSD_VOXELS
+    from fmrirecon.methods.neuraldiffuser.model import LatentDecoder, SemanticDecoder
 
     others = {s: v for s, v in NSD_VOXELS.items() if s != 1}
     target = {1: NSD_VOXELS[1]}

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from fmrirecon.data.nsd_facts import NSDGENERAL_VOXELS as NSD_VOXELS
 from fmrirecon.errors import SubjectMismatchError
 from fmrirecon.methods.neuraldiffuser.model import (
-    NSD_VOXELS,
     LatentDecoder,
     NeuralDiffuserModel,
     SemanticDecoder,

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from fmrirecon.data import world as world_mod
+from fmrirecon.data.nsd_facts import NSD_SUBJECTS, NSDGENERAL_VOXELS
 from fmrirecon.data.surface import (
     TEMPLATE_HALF_HEIGHT,
     TEMPLATE_HALF_WIDTH,
@@ -70,8 +71,8 @@ SPEC_VERSION = 1
 RESPONSE_SATURATION = 3.0  # responses saturate softly at this many signal SDs from baseline
 VOXEL_SIZE_MM = 1.8
 SHELL_THICKNESS_MM = 4.0
-# nsdgeneral voxel counts of NSD subj01..08 (dataset-formats.md §1.9); simulated subjects keep their ratios.
-NSD_NSDGENERAL_COUNTS = (15724, 14278, 15226, 13153, 13039, 17907, 12682, 14386)
+# nsdgeneral voxel counts of NSD subj01..08 (data/nsd_facts.py); simulated subjects keep their ratios.
+NSD_NSDGENERAL_COUNTS = tuple(NSDGENERAL_VOXELS[s] for s in NSD_SUBJECTS)
 
 # Template layout. Retinotopic bands along rho: (name, rho_lo, rho_hi); band area grows like rho^2, so the
 # bands narrow outwards to give V1..hV4 NSD-like shares of nsdgeneral (~9/11/12/6 %). hV4 is ventral only;

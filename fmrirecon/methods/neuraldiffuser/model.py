@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from fmrirecon.data.nsd_facts import NSDGENERAL_VOXELS
 from fmrirecon.errors import ConfigError, SubjectMismatchError
 from fmrirecon.io import save_safetensors_atomic, write_json_atomic
 from fmrirecon.nn import (
@@ -41,8 +42,6 @@ from fmrirecon.nn import (
     soft_contrastive_loss,
 )
 
-# nsdgeneral voxel counts of NSD subjects 1–8 (NSD data paper; see reference/method-notes.md).
-NSD_VOXELS = {1: 15724, 2: 14278, 3: 15226, 4: 13153, 5: 13039, 6: 17907, 7: 12682, 8: 14386}
 # The authors' code hooks CLIP ViT-B/32 residual blocks 1–6 (MLP outputs); the paper reads 2, 4, …, 12.
 PAPER_GUIDANCE_LAYERS = (1, 2, 3, 4, 5, 6)
 
@@ -357,7 +356,7 @@ def momentum_align(
 class NeuralDiffuserConfig:
     """Sizes of every decoder; defaults are the paper's (§4.2, §4.3, §5.1) for NSD with SD 1.4 + ViT-B/32."""
 
-    voxel_counts: dict[int, int] = field(default_factory=lambda: dict(NSD_VOXELS))
+    voxel_counts: dict[int, int] = field(default_factory=lambda: dict(NSDGENERAL_VOXELS))
     hidden_dim: int = 4096
     text_shape: tuple[int, int] = (77, 768)
     guidance_layers: tuple[int, ...] = PAPER_GUIDANCE_LAYERS
@@ -483,7 +482,7 @@ class NeuralDiffuserModel(nn.Module):
 def neuraldiffuser_paper(voxel_counts: dict[int, int] | None = None) -> NeuralDiffuserConfig:
     """Paper sizes (§4.2, §4.3, §6): NSD nsdgeneral voxels, 4096-d shared space, SD 1.4 text condition 77×768,
     six CLIP ViT-B/32 layers of 50×768, VAE latent 4×64×64."""
-    return NeuralDiffuserConfig(voxel_counts=dict(voxel_counts or NSD_VOXELS))
+    return NeuralDiffuserConfig(voxel_counts=dict(voxel_counts or NSDGENERAL_VOXELS))
 
 
 def neuraldiffuser_world(
