@@ -34,14 +34,20 @@ def test_difference_pairs_by_id_and_matches_a_paired_t_interval():
     assert d["high"] - d["low"] < 2 * stats.t.ppf(0.975, 29) * a.std(ddof=1) / np.sqrt(30)
 
 
-def test_unscored_images_and_unshared_metrics_are_left_out():
-    result = _result("nd", [1, 2, 3, 4], {"ssim": [0.5, None, 0.7, 0.9], "clip": [0.9, 0.8, 0.7, 0.6]})
-    reference = _result("ridge", [4, 3, 2, 9], {"ssim": [0.5, 0.5, 0.5, 0.5]})
+def test_a_metric_with_an_unscored_image_is_left_out_never_compared_on_a_subset():
+    # None: an image without a score (metrics.json written before undefined scores were defined, e.g. a blank
+    # reconstruction's PixCorr); comparing on the other images would drop the image where "nd" failed
+    result = _result(
+        "nd",
+        [1, 2, 3, 4],
+        {"pixcorr": [0.5, None, 0.7, 0.9], "ssim": [0.1, 0.2, 0.3, 0.4], "clip": [0.9, 0.8, 0.7, 0.6]},
+    )
+    reference = _result("ridge", [4, 3, 2, 9], {"pixcorr": [0.5] * 4, "ssim": [0.5, 0.5, 0.5, 0.5]})
     out = paired_difference(result, reference)
-    assert set(out) == {"ssim"}  # clip only on one side
-    # pairs: id 3 (0.7 − 0.5) and id 4 (0.9 − 0.5); id 2 unscored, id 1 and 9 unshared
-    assert out["ssim"]["n"] == 2
-    assert out["ssim"]["mean"] == pytest.approx(0.3)
+    assert set(out) == {"ssim"}  # pixcorr has an unscored shared image, clip is only on one side
+    # all 3 shared images (ids 2, 3, 4); ids 1 and 9 are not shared
+    assert out["ssim"]["n"] == 3
+    assert out["ssim"]["mean"] == pytest.approx(np.mean([0.2, 0.3, 0.4]) - 0.5)
 
 
 def test_bad_pairs_raise():

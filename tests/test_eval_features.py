@@ -136,3 +136,23 @@ def test_world_clip_extractor_gives_embeddings_and_zero_shot_scores():
     # zero-shot scores are cosine similarities to each category prompt
     expected = F.normalize(embeds, dim=-1) @ F.normalize(text, dim=-1).T
     torch.testing.assert_close(out["zero_shot"], expected)
+
+
+def test_inputs_are_contiguous_nchw_and_channels_last_gives_the_same_features():
+    from fmrirecon.evaluation.features import to_float_tensor
+
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 40, 48, 3), dtype=np.uint8)
+    x = to_float_tensor(images)
+    assert x.shape == (2, 3, 40, 48) and x.is_contiguous()
+    torch.testing.assert_close(x, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, rtol=0, atol=0)
+    # the tensor preprocessing keeps the layout it is given: contiguous in, contiguous out to the network
+    assert Preprocess(size=64).apply(x).is_contiguous()
+
+    extractor = load_extractor("alexnet", ["features.4", "features.11"], random_weights_for_testing=True)
+    pixels = Preprocess(size=64).apply(x)
+    channels_last = pixels.contiguous(memory_format=torch.channels_last)
+    # on the CPU the bare network takes other kernels for a channels-last input (features.4 differs at
+    # ~1e-6 relative here); the extractor makes its input contiguous, so both give the reference's features
+    a, b = extractor(pixels), extractor(channels_last)
+    for node in a:
+        assert torch.equal(a[node], b[node]), node

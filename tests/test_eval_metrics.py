@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
+import torch.nn.functional as F
 from scipy.spatial.distance import correlation as scipy_correlation
 from skimage.color import rgb2gray
 from skimage.metrics import structural_similarity
@@ -208,3 +210,65 @@ def test_brain_correlation_per_roi(rng):
 def test_rgb_to_gray_matches_skimage(rng):
     images = rng.random((2, 5, 5, 3))
     np.testing.assert_array_equal(metrics.rgb_to_gray(images), rgb2gray(images))
+
+
+def test_a_constant_image_has_no_pixcorr_and_scores_zero(rng):
+    truths = rng.random((4, 3, 16, 16)).astype(np.float32)
+    recons = (truths + rng.random(truths.shape)).astype(np.float32)
+    recons[1] = 0.0  # a black reconstruction: exactly constant
+    # a grey blank resized bilinearly in float32, as the mindeye preset does: constant up to rounding
+    grey = torch.full((1, 3, 10, 10), 128 / 255)
+    recons[2] = F.interpolate(grey, size=(16, 16), mode="bilinear", antialias=False)[0].numpy()
+    assert np.ptp(recons[2]) > 0
+    # one grey level on one pixel is an image, not a blank: it keeps its r
+    recons[3] = 0.5
+    recons[3, 1, 7, 7] += 1 / 255
+    with np.errstate(invalid="ignore", divide="ignore"):
+        assert np.isnan(np.corrcoef(recons[1].ravel(), truths[1].ravel())[0, 1])  # numpy/scipy: NaN
+    r, undefined = metrics.pixcorr(recons, truths, return_undefined=True)
+    np.testing.assert_array_equal(undefined, [False, True, True, False])
+    np.testing.assert_array_equal(r[[1, 2]], metrics.UNDEFINED_CORRELATION)
+    assert metrics.UNDEFINED_CORRELATION == 0.0
+    expected = [np.corrcoef(recons[i].ravel(), truths[i].ravel())[0, 1] for i in (0, 3)]
+    np.testing.assert_allclose(r[[0, 3]], expected, rtol=1e-6)
+    assert r[3] != 0.0
+    np.testing.assert_array_equal(metrics.pixcorr(recons, truths), r)  # the same scores without the mask
+
+
+def test_constant_features_have_correlation_distance_one_and_constant_predictions_brain_r_zero(rng):
+    truth, recon = rng.random((3, 40)), rng.random((3, 40))
+    recon[0] = 2.5
+    distance, undefined = metrics.correlation_distance(truth, recon, return_undefined=True)
+    np.testing.assert_array_equal(undefined, [True, False, False])
+    assert distance[0] == 1.0 - metrics.UNDEFINED_CORRELATION == 1.0
+    np.testing.assert_allclose(distance[1:], [scipy_correlation(t, r) for t, r in zip(truth[1:], recon[1:])])
+
+    measured = rng.standard_normal((3, 30))
+    predicted = rng.standard_normal((3, 30))
+    predicted[2, :10] = 0.7  # constant over the early ROI only
+    rois = {"early": np.arange(30) < 10, "whole": np.ones(30, bool)}
+    r, undefined = metrics.brain_correlation(predicted, measured, rois, return_undefined=True)
+    np.testing.assert_array_equal(undefined["early"], [False, False, True])
+    assert not undefined["whole"].any()
+    assert r["early"][2] == 0.0
+    np.testing.assert_allclose(r["whole"], [np.corrcoef(p, m)[0, 1] for p, m in zip(predicted, measured)])
+
+
+def test_two_way_identical_truths_tie_as_in_the_reference():
+    # MindEye's Reconstruction_Metrics.py, computed here independently: one np.corrcoef over all pairs,
+    # congruent = r[j, j], success where another truth's r is strictly lower
+    rng = np.random.default_rng(0)
+    n = 23
+    truth = rng.random((n, 300)).astype(np.float32)
+    duplicates = [(2, 17), (5, 6), (9, 22), (0, 12)]  # same block, other blocks, the last row of a tile
+    for a, b in duplicates:
+        truth[b] = truth[a]
+    recon = (truth + 0.8 * rng.standard_normal(truth.shape)).astype(np.float32)
+    r = np.corrcoef(truth, recon)[:n, n:]
+    congruent = np.diag(r)
+    expected = (r < congruent).sum(axis=0) / (n - 1)
+    for a, b in duplicates:  # the reference's ties are exact, so each duplicate is a loss for the other
+        assert r[b, a] == r[a, a] and r[a, b] == r[b, b]
+    for chunk in (1, 4, 5, 7, 11, 22, 23, 64):
+        got = metrics.two_way_identification(truth, recon, chunk_size=chunk)
+        np.testing.assert_array_equal(got, expected, err_msg=f"chunk_size={chunk}")

@@ -394,3 +394,72 @@ def test_pairing_is_by_id_not_by_position(folders, tmp_path):
     first, second = report["results"]
     assert first["metrics"] == pytest.approx(second["metrics"], rel=1e-9)
     assert first["best_of_k"] == pytest.approx(second["best_of_k"], rel=1e-9)
+
+
+def _single_sample_folder(path, ids, images, variant):
+    for image_id, image in zip(ids, images):
+        _write_png(path / "images" / f"{image_id}_0.png", image)
+    manifest = {
+        "method": "ridge",
+        "subject": 1,
+        "variant": variant,
+        "ids": [int(i) for i in ids],
+        "samples": 1,
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def test_a_blank_reconstruction_scores_zero_stays_in_every_mean_and_is_counted(folders, tmp_path):
+    from fmrirecon.evaluation.compare import paired_difference
+    from fmrirecon.report import build_report
+
+    ids, truths = folders["ids"], folders["truth_images"]
+    rng = np.random.default_rng(3)
+    tries = np.clip(truths.astype(int) + rng.integers(-90, 90, size=truths.shape), 0, 255).astype(np.uint8)
+    gives_up = tries.copy()
+    gives_up[0] = 128  # grey blank: constant up to rounding after the preset's float32 resizes
+    gives_up[1] = 0  # black blank: exactly constant
+    preset = get_preset("mindeye")
+    report = evaluate_reconstructions(
+        [
+            _single_sample_folder(tmp_path / "tries", ids, tries, "tries"),
+            _single_sample_folder(tmp_path / "gives_up", ids, gives_up, "gives_up"),
+        ],
+        folders["truth"],
+        preset,
+        extractors=tiny_extractors(preset),
+        progress=False,
+    )
+    tried, blank = report["results"]
+
+    # PixCorr by hand (mindeye pixels: 256 px then 425 px, bilinear, no antialias) for the 10 real images
+    def mindeye_pixels(images):
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        x = F.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False, antialias=False)
+        return F.interpolate(x, size=(425, 425), mode="bilinear", align_corners=False, antialias=False)
+
+    t_px, r_px = mindeye_pixels(truths[2:]), mindeye_pixels(tries[2:]).clamp(0, 1)
+    real = np.array([np.corrcoef(a.flatten(), b.flatten())[0, 1] for a, b in zip(t_px, r_px)])
+    assert real.mean() > 0
+    # the blanks count as 0 in a mean over all 12 images: no higher than that, and below the mean over the
+    # other 10 images that np.nanmean gave
+    assert blank["metrics"]["pixcorr"] == pytest.approx(real.sum() / N_IMAGES, rel=1e-5)
+    assert blank["metrics"]["pixcorr"] < real.mean()
+    assert blank["per_image"]["pixcorr"][:2] == [0.0, 0.0]
+    np.testing.assert_allclose(blank["per_image"]["pixcorr"][2:], real, rtol=1e-5)
+    assert blank["undefined"]["pixcorr"] == 2 and tried["undefined"]["pixcorr"] == 0
+    assert {"pixcorr", "effnet", "swav"} <= set(blank["undefined"])
+    assert "0.0" in report["settings"]["undefined"]
+
+    # the paired comparison pairs all 12 images, the blanks with their 0
+    d = paired_difference(blank, tried)["pixcorr"]
+    diff = np.array(blank["per_image"]["pixcorr"]) - np.array(tried["per_image"]["pixcorr"])
+    assert d["n"] == N_IMAGES and d["mean"] == pytest.approx(diff.mean())
+    assert d["mean"] == pytest.approx(-np.mean(tried["per_image"]["pixcorr"][:2]) / 6)
+
+    # the report shows the count beside the score
+    metrics_json = tmp_path / "metrics.json"
+    metrics_json.write_text(json.dumps(report))
+    html = build_report([metrics_json], tmp_path / "report.html").read_text(encoding="utf-8")
+    assert f"{blank['metrics']['pixcorr']:.3f} (2 undefined)" in html

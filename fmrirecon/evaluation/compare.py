@@ -5,6 +5,12 @@ score averaged over its samples (``per_image``, rows in ``ids`` order). Two resu
 by 73k id; the difference of their per-image scores is summarised by its mean and the two-sided t-interval of
 that mean (images are the unit). Paired intervals are narrower than comparing two means, because much of
 the spread between images (easy and hard scenes) is shared by both methods.
+
+Every shared image counts, as in the suite's means: an image whose score was undefined (a blank
+reconstruction has no PixCorr) carries its defined score (``metrics.UNDEFINED_CORRELATION``) in
+``per_image``. A metric with an unscored image (JSON null, only in ``metrics.json`` written before fmrirecon
+defined those scores) is left out rather than compared on the other images: dropping an image where one
+method failed would favour that method.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ def paired_difference(
 ) -> dict[str, dict[str, float]]:
     """``result − reference`` per metric that both scored per image: ``{metric: {mean, low, high, n}}``.
 
-    Images are matched by 73k id; pairs where either side has no score (``None``) are left out. Raises
+    Images are matched by 73k id; ``n`` is the number of shared images, all of them. A metric where either
+    side has an image without a score (``None``) is left out, never compared on a subset. Raises
     ``ValueError`` when the two results share no image or are of different subjects.
     """
     if result.get("subject") != reference.get("subject"):
@@ -44,11 +51,10 @@ def paired_difference(
     for metric in sorted(set(result["per_image"]) & set(reference["per_image"])):
         a = np.array(result["per_image"][metric], dtype=float)[rows]
         b = np.array(reference["per_image"][metric], dtype=float)[ref_index]
-        keep = np.isfinite(a) & np.isfinite(b)
-        if keep.sum() < 2:
+        if len(a) < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
             continue
-        mean, low, high = mean_interval(a[keep] - b[keep], confidence)
-        out[metric] = {"mean": mean, "low": low, "high": high, "n": int(keep.sum())}
+        mean, low, high = mean_interval(a - b, confidence)
+        out[metric] = {"mean": mean, "low": low, "high": high, "n": len(a)}
     return out
 
 

@@ -95,8 +95,14 @@ class Preprocess:
 
 
 def to_float_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``(B, H, W, 3)`` -> float32 ``(B, 3, H, W)`` in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    """uint8 ``(B, H, W, 3)`` -> float32 ``(B, 3, H, W)`` in [0, 1], contiguous in NCHW.
+
+    The permuted view is channels-last in memory, and resizes and normalisation keep that layout; on the CPU
+    a network then takes its channels-last kernels, whose features differ from the reference's (contiguous
+    NCHW) at about 1e-6 relative.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
 def resize_tensor(x: torch.Tensor, size: int | None, interpolation: str, antialias: bool) -> torch.Tensor:
@@ -139,8 +145,11 @@ class FeatureExtractor:
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """pixels: float ``(B, 3, h, w)`` already preprocessed -> ``{node: (B, ...)}`` on the CPU."""
-        out = self._forward(pixels.to(self.device))
+        """pixels: float ``(B, 3, h, w)`` already preprocessed -> ``{node: (B, ...)}`` on the CPU.
+
+        The input is made contiguous in NCHW, so a channels-last tensor gives the same features.
+        """
+        out = self._forward(pixels.to(self.device).contiguous())
         return {node: out[node].float().cpu() for node in self.nodes}
 
 

@@ -10,6 +10,7 @@ Array conventions: ``N`` images, ``D`` flattened feature values, ``V`` voxels, `
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -17,6 +18,20 @@ from scipy import stats
 
 # scikit-image's SSIM settings used by MindEye and Brain-Diffuser (Wang et al. 2004 Gaussian window).
 SSIM_KWARGS = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False, "data_range": 1.0}
+
+# The score of a per-image correlation that is undefined: a constant image (a blank reconstruction) or
+# constant features have no Pearson r. ``np.corrcoef`` and ``scipy.stats.pearsonr`` return NaN there (scipy
+# with a ConstantInputWarning), so MindEye's mean becomes NaN, and ``np.nanmean`` would drop the image: a
+# method that gives up on its hardest trials would score higher than one that tries. A comparison table
+# needs every method averaged over every image, so an undefined r scores 0, "no linear relation" (PixCorr's
+# chance level), as scikit-learn's ``r_regression(force_finite=True)`` (the default since 1.1) and AllenNLP's
+# ``PearsonCorrelation`` (zero variance -> r = 0) define it; a correlation distance scores 1 - 0 = 1.
+UNDEFINED_CORRELATION = 0.0
+# A row counts as constant when its spread is rounding noise: centred norm <= CONSTANT_ROW_ULPS * eps(dtype) *
+# sqrt(D) * max|x|. A blank image resized bilinearly in float32 (the mindeye preset) is not exactly constant
+# and would get a meaningless r from its rounding pattern: blank images of every grey level at 64-500 px
+# measure <= 0.44 in these units; one grey level (1/255) on one pixel of a 500 px white image measures 14.
+CONSTANT_ROW_ULPS = 2
 
 
 def _flatten_pair(a: np.ndarray, b: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -31,27 +46,38 @@ def _flatten_pair(a: np.ndarray, b: np.ndarray, what: str) -> tuple[np.ndarray, 
     return a, b
 
 
-def _row_pearson(a: np.ndarray, b: np.ndarray, chunk_size: int = 64) -> np.ndarray:
-    """Pearson r between row i of ``a`` and row i of ``b``; a, b: (N, D) -> (N,).
+def _row_pearson(a: np.ndarray, b: np.ndarray, chunk_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson r between row i of ``a`` and row i of ``b``; a, b: (N, D) -> r (N,), undefined (N,) bool.
 
-    Rows are converted to float64 ``chunk_size`` at a time, so memory stays bounded for large D.
+    ``undefined`` marks pairs where either row is constant (up to rounding, ``CONSTANT_ROW_ULPS``); r is
+    ``UNDEFINED_CORRELATION`` there. Rows are converted to float64 ``chunk_size`` at a time, so memory stays
+    bounded for large D.
     """
-    out = np.empty(len(a))
+    r = np.empty(len(a))
+    undefined = np.empty(len(a), dtype=bool)
     for start in range(0, len(a), chunk_size):
-        a_c = _centred_unit_rows(a[start : start + chunk_size])
-        b_c = _centred_unit_rows(b[start : start + chunk_size])
-        out[start : start + len(a_c)] = (a_c * b_c).sum(axis=1)
-    return out
+        a_c, a_constant = _centred_unit_rows(a[start : start + chunk_size])
+        b_c, b_constant = _centred_unit_rows(b[start : start + chunk_size])
+        rows = slice(start, start + len(a_c))
+        r[rows] = (a_c * b_c).sum(axis=1)
+        undefined[rows] = a_constant | b_constant
+    r[undefined] = UNDEFINED_CORRELATION
+    return r, undefined
 
 
-def pixcorr(recons: np.ndarray, truths: np.ndarray) -> np.ndarray:
+def pixcorr(
+    recons: np.ndarray, truths: np.ndarray, *, return_undefined: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Pixel correlation per image (MindEye's PixCorr).
 
     recons, truths: (N, ...) float images (any layout; each image is flattened, all channels together) -> (N,)
     Pearson r between each reconstruction and its ground truth. The suite averages over images.
+    A constant image (blank reconstruction) has no r and scores ``UNDEFINED_CORRELATION`` (0); with
+    ``return_undefined`` the (N,) bool mask of those images is returned too, so a caller can count them.
     """
     recons, truths = _flatten_pair(recons, truths, "pixcorr")
-    return _row_pearson(recons, truths)
+    r, undefined = _row_pearson(recons, truths)
+    return (r, undefined) if return_undefined else r
 
 
 def rgb_to_gray(images: np.ndarray) -> np.ndarray:
@@ -88,13 +114,31 @@ def ssim(recons: np.ndarray, truths: np.ndarray, variant: str = "2d") -> np.ndar
     return np.array([structural_similarity(r, t, **SSIM_KWARGS, **extra) for r, t in zip(recons, truths)])
 
 
-def _centred_unit_rows(x: np.ndarray) -> np.ndarray:
-    """(n, D) -> float64 rows with zero mean and unit norm, so a dot product is a Pearson r."""
+def _centred_unit_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, D) -> float64 rows with zero mean and unit norm, so a dot product is a Pearson r, and (n,) bool:
+    rows constant up to rounding (``CONSTANT_ROW_ULPS``), whose unit rows are NaN (0 / 0) or noise."""
+    eps = np.finfo(x.dtype if np.issubdtype(x.dtype, np.floating) else np.float64).eps
     x = x.astype(np.float64)
+    scale = np.maximum(x.max(axis=1), -x.min(axis=1)) * np.sqrt(x.shape[1])  # max|x| * sqrt(D), (n,)
     x -= x.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
+    constant = norms[:, 0] <= CONSTANT_ROW_ULPS * eps * scale
     with np.errstate(invalid="ignore", divide="ignore"):
-        return x / norms
+        return x / norms, constant
+
+
+def _first_identical_rows(x: np.ndarray) -> np.ndarray:
+    """(N, D) -> (N,) index of the first row byte-identical to row i (i itself when it is the first)."""
+    first: dict[bytes, list[int]] = {}
+    canonical = np.arange(len(x))
+    for i, row in enumerate(x):
+        candidates = first.setdefault(hashlib.blake2b(row.tobytes(), digest_size=16).digest(), [])
+        match = next((k for k in candidates if np.array_equal(x[k], row)), None)
+        if match is None:
+            candidates.append(i)
+        else:
+            canonical[i] = match
+    return canonical
 
 
 def two_way_identification(
@@ -106,8 +150,17 @@ def two_way_identification(
     With r[i, j] the Pearson r between truth i and reconstruction j, entry j is the fraction of the N - 1
     other truths i != j with r[i, j] < r[j, j]; the reported score is the mean over j (chance 0.5).
 
-    The N x N correlation is built in blocks of ``chunk_size`` rows and columns, so only two
-    (chunk_size, D) float64 blocks live at once (AlexNet ``features.4`` at 256 px has D = 184,512).
+    Ties: MindEye's ``Reconstruction_Metrics.py`` takes r[j, j] and the r[i, j] it is compared with from one
+    ``np.corrcoef`` matrix, so a truth identical to truth j ties with it exactly and a tie is no success
+    (strict ``<``). Here the congruent r[j, j] is read off the same strip of products as the rest of column
+    j, and byte-identical truths are correlated once and share that value, so they tie exactly whatever
+    row of a BLAS tile they fall in (a matrix product may round the same dot product differently in
+    another row position). A constant feature row gives NaN correlations, which beat nothing and are beaten
+    by nothing, as in the reference.
+
+    Memory: the N x N correlation is built one strip of ``chunk_size`` reconstructions (columns) at a time,
+    truths in blocks of ``chunk_size`` rows, so only two (chunk_size, D) float64 blocks and one
+    (N, chunk_size) strip live at once (AlexNet ``features.4`` at 256 px has D = 184,512).
     """
     truth_features, recon_features = _flatten_pair(truth_features, recon_features, "two_way_identification")
     n = truth_features.shape[0]
@@ -115,28 +168,41 @@ def two_way_identification(
         raise ValueError(f"two_way_identification needs at least 2 images, got {n}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    congruent = _row_pearson(truth_features, recon_features)  # r[j, j], (N,)
+    canonical = _first_identical_rows(truth_features)
+    unique = np.flatnonzero(canonical == np.arange(n))  # truths that are correlated, (U,)
+    strip_row = np.empty(n, dtype=np.int64)
+    strip_row[unique] = np.arange(len(unique))
+    strip_row = strip_row[canonical]  # truth i -> its row in the strip, (N,)
     wins = np.zeros(n, dtype=np.int64)
     for r0 in range(0, n, chunk_size):
-        recon_block = _centred_unit_rows(recon_features[r0 : r0 + chunk_size])  # (c_r, D)
-        for t0 in range(0, n, chunk_size):
-            truth_block = _centred_unit_rows(truth_features[t0 : t0 + chunk_size])  # (c_t, D)
-            r = truth_block @ recon_block.T  # r[i, j], (c_t, c_r)
-            beaten = r < congruent[None, r0 : r0 + recon_block.shape[0]]
-            # the diagonal entry is r[j, j] itself; recomputed in another order it may differ in the last bit
-            overlap = np.arange(max(r0, t0), min(r0 + recon_block.shape[0], t0 + truth_block.shape[0]))
-            beaten[overlap - t0, overlap - r0] = False
-            wins[r0 : r0 + recon_block.shape[0]] += beaten.sum(axis=0)
+        recon_block = _centred_unit_rows(recon_features[r0 : r0 + chunk_size])[0]  # (c_r, D)
+        c_r = len(recon_block)
+        strip = np.empty((len(unique), c_r))  # r[u, j] for the unique truths u, (U, c_r)
+        for t0 in range(0, len(unique), chunk_size):
+            rows = unique[t0 : t0 + chunk_size]
+            truths = (
+                truth_features[rows[0] : rows[-1] + 1]
+                if rows[-1] - rows[0] + 1 == len(rows)
+                else truth_features[rows]
+            )
+            strip[t0 : t0 + len(rows)] = _centred_unit_rows(truths)[0] @ recon_block.T
+        r = strip[strip_row]  # r[i, j], (N, c_r)
+        congruent = r[np.arange(r0, r0 + c_r), np.arange(c_r)]  # r[j, j]: j never beats itself (strict <)
+        wins[r0 : r0 + c_r] = (r < congruent[None, :]).sum(axis=0)
     return wins / (n - 1)
 
 
-def correlation_distance(truth_features: np.ndarray, recon_features: np.ndarray) -> np.ndarray:
+def correlation_distance(
+    truth_features: np.ndarray, recon_features: np.ndarray, *, return_undefined: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """1 - Pearson r between each pair's flattened features (``scipy.spatial.distance.correlation``) -> (N,).
 
-    Used by EffNet-B and SwAV; lower is better.
+    Used by EffNet-B and SwAV; lower is better. Constant features have no r: the distance is
+    1 - ``UNDEFINED_CORRELATION`` = 1 there (mask with ``return_undefined``, as :func:`pixcorr`).
     """
     truth_features, recon_features = _flatten_pair(truth_features, recon_features, "correlation_distance")
-    return 1.0 - _row_pearson(truth_features, recon_features)
+    r, undefined = _row_pearson(truth_features, recon_features)
+    return (1.0 - r, undefined) if return_undefined else 1.0 - r
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -292,23 +358,29 @@ def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
 
 
 def brain_correlation(
-    predicted: np.ndarray, measured: np.ndarray, rois: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
+    predicted: np.ndarray,
+    measured: np.ndarray,
+    rois: Mapping[str, np.ndarray],
+    *,
+    return_undefined: bool = False,
+) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Pearson r per image between predicted and measured responses within each ROI (NeuralDiffuser Tab. 2).
 
     predicted: (N, V) an encoding model's responses to the reconstructions; measured: (N, V) repeat-averaged
-    responses to the true images; rois: name -> bool (V,) voxel mask. Returns name -> (N,) per-image r.
+    responses to the true images; rois: name -> bool (V,) voxel mask. Returns name -> (N,) per-image r;
+    a prediction constant over an ROI scores ``UNDEFINED_CORRELATION`` (0). With ``return_undefined``, also
+    name -> (N,) bool mask of those images.
     """
     predicted = np.asarray(predicted, dtype=np.float64)
     measured = np.asarray(measured, dtype=np.float64)
     if predicted.shape != measured.shape or predicted.ndim != 2:
         raise ValueError(f"brain_correlation needs two (N, V) arrays, got {predicted.shape} {measured.shape}")
-    out = {}
+    out, undefined = {}, {}
     for name, mask in rois.items():
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != (predicted.shape[1],):
             raise ValueError(f"ROI {name!r} mask must have shape ({predicted.shape[1]},), got {mask.shape}")
         if mask.sum() < 2:
             raise ValueError(f"ROI {name!r} has {int(mask.sum())} voxels; a correlation needs at least 2")
-        out[name] = _row_pearson(predicted[:, mask], measured[:, mask])
-    return out
+        out[name], undefined[name] = _row_pearson(predicted[:, mask], measured[:, mask])
+    return (out, undefined) if return_undefined else out

@@ -127,10 +127,11 @@ class _BrainTarget:
         images = _resize_uint8_to(images, self.image_hw)
         return np.asarray(self.simulator.response(images), dtype=np.float64)[:, self.voxels]  # (B, V_store)
 
-    def correlate(self, recon_images: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+    def correlate(self, recon_images: np.ndarray, ids: np.ndarray) -> tuple[dict, dict]:
+        """-> ({roi: (B,) r}, {roi: (B,) bool undefined}) (``metrics.brain_correlation``)."""
         predicted = (self._predict_psc(recon_images) - self.mean) / self.sd
         measured = np.stack([self.measured[int(i)] for i in ids])
-        return M.brain_correlation(predicted, measured, self.rois)
+        return M.brain_correlation(predicted, measured, self.rois, return_undefined=True)
 
 
 def _brain_rois(rois: Mapping[str, np.ndarray], n_voxels: int) -> tuple[dict, dict]:
@@ -209,9 +210,14 @@ def _evaluate_recon(
     per_sample: dict[str, list[float]] = {}
     details: dict[str, dict] = {}
     local_unavailable: dict[str, str] = {}
+    # per metric that can be undefined (a correlation of a constant image or constant features): how many
+    # reconstructions (image x sample) were; they keep their defined score (metrics.UNDEFINED_CORRELATION)
+    undefined_counts: dict[str, int] = {}
 
-    def image_scores(key, k, values, index=slice(None)):
+    def image_scores(key, k, values, index=slice(None), undefined=None):
         per_image.setdefault(key, np.full((k_samples, n), np.nan))[k, index] = values
+        if undefined is not None:
+            undefined_counts[key] = undefined_counts.get(key, 0) + int(np.count_nonzero(undefined))
 
     brain = None
     if preset.brain_correlation:
@@ -244,15 +250,17 @@ def _evaluate_recon(
             recon_batch = recon.load_images(index, k)
             r_prep = _Prepared(recon_batch, preset, truth_hw)
             t_prep = _Prepared(truth_batch, preset, truth_hw)
-            image_scores("pixcorr", k, M.pixcorr(r_prep.pixel.numpy(), t_prep.pixel.numpy()), index)
+            r, undefined = M.pixcorr(r_prep.pixel.numpy(), t_prep.pixel.numpy(), return_undefined=True)
+            image_scores("pixcorr", k, r, index, undefined)
             gray_r = M.rgb_to_gray(r_prep.pixel.permute(0, 2, 3, 1).numpy())
             gray_t = M.rgb_to_gray(t_prep.pixel.permute(0, 2, 3, 1).numpy())
             image_scores("ssim", k, M.ssim(gray_r, gray_t, preset.ssim_variant), index)
             for net, extractor in extractors.items():
                 recon_feats.put(net, extractor(r_prep.network_input(preset, net)), start)
             if brain is not None:
-                for roi, r in brain.correlate(recon_batch, ids).items():
-                    image_scores(f"brain_corr_{roi}", k, r, index)
+                by_roi, undefined = brain.correlate(recon_batch, ids)
+                for roi, r in by_roi.items():
+                    image_scores(f"brain_corr_{roi}", k, r, index, undefined[roi])
         _score_features(
             preset,
             recon_feats.arrays,
@@ -268,14 +276,13 @@ def _evaluate_recon(
 
     metrics, best, image_means = {}, {}, {}
     for key, values in per_image.items():
-        metrics[key] = float(np.nanmean(values))
-        scored = ~np.isnan(values).all(0)
-        means = np.full(n, np.nan)
-        means[scored] = np.nanmean(values[:, scored], 0)
-        # per image, the mean over its samples (JSON null where no sample was scored): for paired comparisons
-        image_means[key] = [float(v) if np.isfinite(v) else None for v in means]
+        # every image and sample counts, an undefined one with its defined score (never nanmean: dropping
+        # a blank reconstruction from one method's mean would raise its score)
+        metrics[key] = float(values.mean())
+        # per image, the mean over its samples, for paired comparisons (JSON null only if not finite)
+        image_means[key] = [float(v) if np.isfinite(v) else None for v in values.mean(0)]
         if k_samples > 1:
-            best_per_image = np.nanmax(values, 0) if _higher_is_better(key) else np.nanmin(values, 0)
+            best_per_image = values.max(0) if _higher_is_better(key) else values.min(0)
             best[key] = float(best_per_image.mean())
     for key, values in per_sample.items():
         metrics[key] = float(np.mean(values))
@@ -319,6 +326,7 @@ def _evaluate_recon(
         "metrics": metrics,
         "details": details,
         "unavailable": local_unavailable,
+        "undefined": undefined_counts,
         "ids": [int(i) for i in recon.ids],
         "per_image": image_means,
     }
@@ -344,7 +352,8 @@ def _score_features(
                 continue
             image_scores(fm.key, k, M.two_way_identification(truth, recon, chunk_size=chunk_size))
         else:
-            image_scores(fm.key, k, M.correlation_distance(truth, recon))
+            distance, undefined = M.correlation_distance(truth, recon, return_undefined=True)
+            image_scores(fm.key, k, distance, undefined=undefined)
     if preset.nway_identification and preset.nway_identification[0] in feats:
         net, node = preset.nway_identification
         for n_way in preset.nway_ns:
@@ -480,6 +489,9 @@ def evaluate_reconstructions(
             "device": device,
             "samples": "metrics = mean over all samples and images; best_of_k = per-image best over samples, "
             "averaged over images (per-image metrics only)",
+            "undefined": f"a correlation of a constant image or constant features scores r = "
+            f"{M.UNDEFINED_CORRELATION} (correlation distance {1 - M.UNDEFINED_CORRELATION}) and stays in "
+            "the mean; results[].undefined counts those reconstructions (image x sample) per metric",
             "chance": {key: _chance(key, pool_size) for key in keys},
             "higher_is_better": {key: _higher_is_better(key) for key in keys},
             "unavailable": unavailable,

@@ -158,6 +158,13 @@ def _columns(metrics: list[str], settings: dict[str, Any]) -> list[dict[str, Any
     ]
 
 
+def _with_undefined(text: str, result: dict[str, Any], metric: str) -> str:
+    """A score and, if any, how many reconstructions had it undefined (``results[].undefined``, e.g. a blank
+    image's PixCorr: scored 0 and kept in the mean)."""
+    count = (result.get("undefined") or {}).get(metric, 0)
+    return f"{text} ({count} undefined)" if count else text
+
+
 def _metric_section(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Metric table for one subject: a chance row, then one row per (method, variant) result."""
     if not results:
@@ -179,7 +186,7 @@ def _metric_section(results: list[dict[str, Any]]) -> dict[str, Any] | None:
                 "label": _label(r["method"], r.get("variant")),
                 "n_images": r.get("n_images", "—"),
                 "preset": r["_preset"] or "—",
-                "scores": [format_value(r["metrics"].get(m)) for m in metrics],
+                "scores": [_with_undefined(format_value(r["metrics"].get(m)), r, m) for m in metrics],
             }
             for r in results
         ],
