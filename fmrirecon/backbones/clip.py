@@ -19,11 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from fmrirecon.backbones.hub import resolve_local_folder, tokenize_texts
+from fmrirecon.backbones.normalization import CLIP_MEAN, CLIP_STD
 from fmrirecon.errors import WeightsUnavailableError
 
-# OpenAI CLIP's normalisation (its preprocessor_config.json / the original clip package)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # keys transformers writes into tokenizer_config.json after a load from a folder (how it was loaded, not what)
 _LOAD_TIME_KEYS = ("is_local", "local_files_only", "name_or_path", "_name_or_path")
 

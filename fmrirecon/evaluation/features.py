@@ -24,21 +24,12 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.utils.constants import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-)
 
+from fmrirecon.backbones.normalization import NORMALIZATIONS
 from fmrirecon.errors import WeightsUnavailableError
 
 NETWORKS = ("alexnet", "inception_v3", "efficientnet_b1", "swav_resnet50", "clip_vit_l14", "world_clip")
 
-NORMALIZATIONS = {
-    "imagenet": (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
-    "clip": (tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)),
-}
 
 # facebookresearch/swav hubconf: ResNet-50 trained 800 epochs, the checkpoint Brain-Diffuser and MindEye load
 SWAV_FILENAME = "swav_800ep_pretrain.pth.tar"
