@@ -1,10 +1,14 @@
 """The command line: every subcommand answers --help, and errors exit non-zero with a message."""
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import fmrirecon
 from fmrirecon.cli import COMMANDS, build_parser, main
 
 
@@ -30,11 +34,18 @@ def test_parser_lists_every_command():
 
 
 def test_console_entry_point_runs():
-    result = subprocess.run(
-        [sys.executable, "-m", "fmrirecon", "--version"], capture_output=True, text=True, timeout=120
+    """The ``fmrirecon`` command users type: the script pip generates from pyproject's ``[project.scripts]``,
+    looked up beside this interpreter first (an unactivated venv), then on PATH."""
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    script = shutil.which("fmrirecon", path=search)
+    assert script is not None, f"no `fmrirecon` console script on {search} — is the package installed?"
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"fmrirecon {fmrirecon.__version__}"
+    result = subprocess.run([script, COMMANDS[0], "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: fmrirecon {COMMANDS[0]}"), (
+        result.stderr
     )
-    assert result.returncode == 0
-    assert result.stdout.startswith("fmrirecon ")
 
 
 def test_train_world_overrides_are_typed_and_checked():
