@@ -27,9 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-# CLIP's and ImageNet's RGB normalisation statistics (OpenAI CLIP preprocessing; torchvision).
-_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from fmrirecon.backbones.normalization import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 PAPER_LAYER_FACTORS = (1.5, 1.2, 1.0, 1.0, 1.0, 1.0)
 
 
@@ -41,10 +39,10 @@ def imagenet_as_clip_input(images: torch.Tensor) -> torch.Tensor:
     shape = (1, 3, 1, 1)
     mean_in, std_in = (
         torch.tensor(v, dtype=images.dtype, device=images.device).view(shape)
-        for v in (_IMAGENET_MEAN, _IMAGENET_STD)
+        for v in (IMAGENET_MEAN, IMAGENET_STD)
     )
     mean_c, std_c = (
-        torch.tensor(v, dtype=images.dtype, device=images.device).view(shape) for v in (_CLIP_MEAN, _CLIP_STD)
+        torch.tensor(v, dtype=images.dtype, device=images.device).view(shape) for v in (CLIP_MEAN, CLIP_STD)
     )
     return (images - mean_in) / std_in * std_c + mean_c
 
