@@ -2,22 +2,6 @@
 
 from __future__ import annotations
 
-# table column order: the field's 8 metrics first, then the extras
-KEY_ORDER = (
-    "pixcorr",
-    "ssim",
-    "alexnet2",
-    "alexnet5",
-    "inception",
-    "clip",
-    "effnet",
-    "swav",
-    "retrieval_image",
-    "retrieval_brain",
-    "fid",
-    "is",
-)
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -42,17 +26,12 @@ def _format(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def ordered_keys(result_keys) -> list[str]:
-    """Metric keys in the table's order: the 8 field metrics, extras, n-way, brain correlation."""
-    keys = set(result_keys)
-    head = [k for k in KEY_ORDER if k in keys]
-    return head + sorted(keys - set(head), key=lambda k: (k.rsplit("_", 1)[0], len(k), k))
-
-
 def print_table(report: dict) -> None:
     """Print one row per metric and one column per reconstruction folder (rich)."""
     from rich.console import Console
     from rich.table import Table
+
+    from fmrirecon.evaluation.metric_info import ordered_metrics
 
     settings = report["settings"]
     table = Table(title=f"fmrirecon evaluate — preset {report['preset']}")
@@ -62,7 +41,7 @@ def print_table(report: dict) -> None:
             f"{result['method']}\nsubj{result['subject']:02d} {result['variant']}", justify="right"
         )
     table.add_column("chance", justify="right")
-    keys = ordered_keys({k for r in report["results"] for k in r["metrics"]})
+    keys = ordered_metrics(k for r in report["results"] for k in r["metrics"])
     for key in keys:
         arrow = "↑" if settings["higher_is_better"].get(key, True) else "↓"
         cells = []

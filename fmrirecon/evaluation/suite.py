@@ -22,6 +22,7 @@ from fmrirecon.errors import EvaluationInputError, FmriReconError, WeightsUnavai
 from fmrirecon.evaluation import metrics as M
 from fmrirecon.evaluation.features import FeatureExtractor, load_extractor, resize_tensor, to_float_tensor
 from fmrirecon.evaluation.io import ReconSet, Truth, read_recon_dir
+from fmrirecon.evaluation.metric_info import chance_level, higher_is_better
 from fmrirecon.evaluation.presets import Preset, get_preset
 from fmrirecon.io import library_versions
 
@@ -31,23 +32,6 @@ logger = logging.getLogger(__name__)
 VISUAL_ROI_LABELS = {"V1": (1, 2), "V2": (3, 4), "V3": (5, 6), "V4": (7,)}
 # streams labels 5..7 = ventral, lateral, parietal: the higher-level visual streams
 HIGHER_STREAM_LABELS = (5, 6, 7)
-
-
-def _higher_is_better(key: str) -> bool:
-    return key not in ("effnet", "swav", "fid")
-
-
-def _chance(key: str, pool_size: int | None) -> float | None:
-    """Chance level of a metric (None where no fixed chance level exists)."""
-    if key == "pixcorr" or key.startswith("brain_corr_"):
-        return 0.0
-    if key in ("alexnet2", "alexnet5", "inception", "clip"):
-        return 0.5
-    if key.startswith("nway_"):  # nway_<n> and nway_class_<n>
-        return 1.0 / int(key.rsplit("_", 1)[1])
-    if key.startswith("retrieval_"):
-        return 1.0 / pool_size if pool_size else None
-    return None  # ssim, effnet, swav, fid, is: depend on the image statistics
 
 
 class _Prepared:
@@ -282,7 +266,7 @@ def _evaluate_recon(
         # per image, the mean over its samples, for paired comparisons (JSON null only if not finite)
         image_means[key] = [float(v) if np.isfinite(v) else None for v in values.mean(0)]
         if k_samples > 1:
-            best_per_image = values.max(0) if _higher_is_better(key) else values.min(0)
+            best_per_image = values.max(0) if higher_is_better(key) else values.min(0)
             best[key] = float(best_per_image.mean())
     for key, values in per_sample.items():
         metrics[key] = float(np.mean(values))
@@ -492,8 +476,8 @@ def evaluate_reconstructions(
             "undefined": f"a correlation of a constant image or constant features scores r = "
             f"{M.UNDEFINED_CORRELATION} (correlation distance {1 - M.UNDEFINED_CORRELATION}) and stays in "
             "the mean; results[].undefined counts those reconstructions (image x sample) per metric",
-            "chance": {key: _chance(key, pool_size) for key in keys},
-            "higher_is_better": {key: _higher_is_better(key) for key in keys},
+            "chance": {key: chance_level(key, pool_size) for key in keys},
+            "higher_is_better": {key: higher_is_better(key) for key in keys},
             "unavailable": unavailable,
         }
     )

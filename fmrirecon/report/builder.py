@@ -13,10 +13,11 @@ import datetime as dt
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from fmrirecon.evaluation.metric_info import RETRIEVAL_POOL, higher_is_better, metric_sort_key
+from fmrirecon.evaluation.metric_info import chance_level as metric_info_chance
 from fmrirecon.io import write_text_atomic
 from fmrirecon.report.inputs import (
     GroundTruth,
@@ -29,16 +30,7 @@ from fmrirecon.report.inputs import (
 from fmrirecon.report.plots import array_to_png, loss_plot_png
 
 DEFAULT_MAX_IMAGES = 12
-# Column order of the metric table: the order the field's papers print them in (evaluation-protocol.md).
-METRIC_ORDER = (
-    "pixcorr", "ssim", "alexnet2", "alexnet5", "inception", "clip", "effnet", "swav",
-    "retrieval_image", "retrieval_brain", "fid", "is",
-)  # fmt: skip
-TWO_WAY_METRICS = frozenset({"alexnet2", "alexnet5", "inception", "clip"})
-# Correlation distances and FID: smaller is better; the table marks them so the reader does not misread them.
-LOWER_IS_BETTER = frozenset({"effnet", "swav", "fid"})
-# The retrieval protocol draws batches of 300 test samples (MindEye); smaller test sets use all of them.
-RETRIEVAL_POOL = 300
+# The retrieval settings' keys that name the pool size (the chance level of top-1 retrieval is 1/pool).
 _SETTINGS_POOL_KEYS = ("retrieval_pool", "retrieval_batch", "retrieval_batch_size")
 
 
@@ -56,28 +48,10 @@ def chance_level(
     table = settings.get("chance")
     if isinstance(table, dict) and isinstance(table.get(metric), int | float):
         return float(table[metric])
-    if metric == "pixcorr" or metric.startswith("brain_corr"):
-        return 0.0
-    if metric in TWO_WAY_METRICS:
-        return 0.5
-    if metric.startswith("retrieval_"):
-        pool = next((settings[k] for k in _SETTINGS_POOL_KEYS if isinstance(settings.get(k), int)), None)
-        if pool is None and n_images:
-            pool = min(RETRIEVAL_POOL, n_images)
-        return 1.0 / pool if pool else None
-    nway = re.fullmatch(r"nway_(\d+)", metric)
-    if nway:
-        return 1.0 / int(nway.group(1))
-    return None
-
-
-def _metric_sort_key(metric: str) -> tuple:
-    if metric in METRIC_ORDER:
-        return (0, METRIC_ORDER.index(metric), 0, metric)
-    nway = re.fullmatch(r"nway_(\d+)", metric)
-    if nway:
-        return (1, 0, int(nway.group(1)), metric)
-    return (2, 0, 0, metric)
+    pool = next((settings[k] for k in _SETTINGS_POOL_KEYS if isinstance(settings.get(k), int)), None)
+    if pool is None and n_images:
+        pool = min(RETRIEVAL_POOL, n_images)
+    return metric_info_chance(metric, pool)
 
 
 def format_value(value: Any) -> str:
@@ -153,7 +127,7 @@ def _columns(metrics: list[str], settings: dict[str, Any]) -> list[dict[str, Any
     """Table columns: the metric and whether lower is better (the evaluation's settings, else the default)."""
     higher = settings.get("higher_is_better") if isinstance(settings.get("higher_is_better"), dict) else {}
     return [
-        {"name": m, "lower_is_better": (not higher[m]) if m in higher else m in LOWER_IS_BETTER}
+        {"name": m, "lower_is_better": (not higher[m]) if m in higher else not higher_is_better(m)}
         for m in metrics
     ]
 
@@ -169,7 +143,7 @@ def _metric_section(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Metric table for one subject: a chance row, then one row per (method, variant) result."""
     if not results:
         return None
-    metrics = sorted({m for r in results for m in r["metrics"]}, key=_metric_sort_key)
+    metrics = sorted({m for r in results for m in r["metrics"]}, key=metric_sort_key)
     first = results[0]
     settings = first["_settings"]
     chance = [chance_level(m, first.get("n_images"), settings) for m in metrics]
@@ -213,7 +187,7 @@ def _paired_section(results: list[dict[str, Any]], reference_method: str = "ridg
         rows.append((r, diffs))
     if not rows:
         return None
-    metrics = sorted({m for _, d in rows for m in d}, key=_metric_sort_key)
+    metrics = sorted({m for _, d in rows for m in d}, key=metric_sort_key)
 
     def cell(d: dict[str, float] | None) -> dict[str, Any]:
         if d is None:
