@@ -40,6 +40,7 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "read_yaml",
+    "type_name",
 ]
 
 
@@ -55,6 +56,9 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "None"
     return getattr(tp, "__name__", str(tp))
+
+
+type_name = _type_name  # public: how an annotation reads in an error message ("float | None")
 
 
 def _wrong(key: str, tp: Any, value: Any) -> ConfigError:
@@ -236,8 +240,15 @@ def apply_overrides(cfg: T, overrides: Mapping[str, Any] | Sequence[str]) -> T:
     return config_from_dict(type(cfg), _merge(config_to_dict(cfg), overrides))
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config file (a mapping at top level; an empty file is an empty mapping)."""
+BASE_KEY = "base"
+
+
+def read_yaml(path: str | os.PathLike, *, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config file (a mapping at top level; an empty file is an empty mapping).
+
+    A top-level ``base: other.yaml`` (relative to this file) is read first and this file's keys are merged
+    over it, nested sections key by key, so a profile file states only what differs from its base.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
@@ -253,6 +264,14 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(
             f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}"
         )
+    if BASE_KEY in data:
+        base_name = data.pop(BASE_KEY)
+        if not isinstance(base_name, str):
+            raise ConfigError(f"config file {path}: '{BASE_KEY}' must name a YAML file, got {base_name!r}")
+        base_path = (path.parent / base_name).resolve()
+        if base_path in _seen or base_path == path.resolve():
+            raise ConfigError(f"config file {path}: its '{BASE_KEY}' chain loops back to {base_path}")
+        data = _merge(read_yaml(base_path, _seen=(*_seen, path.resolve())), data)
     return data
 
 

@@ -1,9 +1,14 @@
 """`fmrirecon demo`: the whole pipeline on the embedded synthetic world, with no arguments.
 
 Stages (one direction, DESIGN.md): make the synthetic world in the NSD layout (reused if present) → prepare
-the store (reused if present) → for every registered method and every demo subject: train, reconstruct the
-shared test images → evaluate every reconstruction folder with the ``world`` preset → ``DIR/metrics.json``
-(evaluation schema, plus a ``"skipped"`` list) → ``DIR/report.html``.
+the store (reused if present) → for every registered method: a pretraining run when the method declares one
+and its config wants it (once, on the store's subjects the demo does not reconstruct when the method holds the
+targets out), then for every demo subject a target run (started from the pretraining run) and the shared test
+images reconstructed in every declared variant → evaluate every reconstruction folder with the ``world``
+preset → ``DIR/metrics.json`` (evaluation schema, plus a ``"skipped"`` list) → ``DIR/report.html``.
+
+Every step goes through :mod:`fmrirecon.runs`, the same run operations as ``fmrirecon train`` /
+``reconstruct`` / ``evaluate``, so a demo run seeds and writes exactly what the CLI would.
 
 A method whose module cannot be imported is *skipped with its reason* (shown in the report), and a method
 that fails while training or reconstructing is reported the same way, so one broken method never hides the
@@ -11,7 +16,8 @@ others.
 
 Output folder::
 
-    DIR/runs/<method>/subjXX/               run dirs (config.json, run.json, <stage>/metrics.jsonl, weights)
+    DIR/runs/<method>/subjXX/               target run dirs (config.json, run.json, <stage>/metrics.jsonl)
+    DIR/runs/<method>/pretrain/             the method's pretraining run, when it has one
     DIR/recon/<method>/<variant>/subjXX/    reconstruction folders (manifest.json, images/<id73k>_<k>.png)
     DIR/metrics.json  DIR/report.html  DIR/demo.json (profile, timings, skipped)
 
@@ -29,10 +35,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fmrirecon.errors import ConfigError
-from fmrirecon.evaluation.io import write_recon_dir
+from fmrirecon.evaluation.io import write_recon_dir  # noqa: F401  (re-exported for older callers)
 from fmrirecon.io import library_versions, read_json, write_json_atomic
 from fmrirecon.paths import data_home
 
@@ -83,7 +87,8 @@ class DemoProfile:
         samples: reconstructions per test image (K).
         max_test_images: reconstruct only the first n shared test images (73k-id order); None = all.
         report_images: image rows per subject in the report.
-        config_files: YAML files under ``configs/<method>/`` applied in order, where the method ships them.
+        config: the shipped config ``configs/<method>/<config>.yaml`` used where a method ships it (its
+            ``base:`` file first), else the method's defaults.
         method_overrides: dotted config overrides per method (on top of the method's world config), e.g. fewer
             training steps for ``quick``.
     """
@@ -94,7 +99,7 @@ class DemoProfile:
     samples: int
     max_test_images: int | None
     report_images: int = 12
-    config_files: tuple[str, ...] = ("world.yaml",)
+    config: str = "world"
     method_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
@@ -107,7 +112,7 @@ PROFILES: dict[str, DemoProfile] = {
         samples=1,
         max_test_images=16,
         report_images=8,
-        config_files=("world.yaml", "world_quick.yaml"),
+        config="world_quick",
     ),
 }
 
@@ -119,7 +124,8 @@ def with_overrides(profile: DemoProfile, overrides: Sequence[str]) -> DemoProfil
         method, dot, rest = item.partition(".")
         if not dot or "=" not in rest or "=" in method:
             raise ConfigError(
-                f"demo override must look like METHOD.key=value (e.g. ridge.num_steps=10), got {item!r}"
+                "demo override must look like METHOD.key=value (e.g. ridge.reconstruction.num_steps=10), "
+                f"got {item!r}"
             )
         per_method.setdefault(method, []).append(rest)
     return replace(profile, method_overrides={name: tuple(items) for name, items in per_method.items()})
@@ -138,6 +144,7 @@ class MethodOutcome:
 
     method: str
     run_dirs: list[Path] = field(default_factory=list)
+    pretrain_dir: Path | None = None
     recon_dirs: list[Path] = field(default_factory=list)
     skipped_reason: str | None = None
     failed: bool = False
@@ -198,80 +205,51 @@ def resolve_method(name: str) -> type:
 
 
 def method_config(method_cls: type, profile: DemoProfile) -> Any:
-    """Method defaults ← each of the profile's ``configs/<method>/<file>.yaml`` that the method ships ← the
-    profile's dotted overrides (``world.yaml``, then ``world_quick.yaml`` for ``--quick``)."""
-    from fmrirecon.config import apply_overrides, read_yaml
+    """Method defaults ← the profile's shipped ``configs/<method>/<config>.yaml`` (when the method ships it)
+    ← the profile's dotted overrides."""
+    from fmrirecon.runs import CONFIG_DIR
+    from fmrirecon.runs import method_config as resolve
 
-    config = method_cls.Config()
-    config_dir = Path(__file__).parent / "configs" / method_cls.name
-    for file_name in profile.config_files:
-        if (config_dir / file_name).is_file():
-            config = apply_overrides(config, read_yaml(config_dir / file_name))
-    return apply_overrides(config, list(profile.method_overrides.get(method_cls.name, ())))
+    shipped = CONFIG_DIR / method_cls.name / f"{profile.config}.yaml"
+    overrides = list(profile.method_overrides.get(method_cls.name, ()))
+    return resolve(method_cls, shipped if shipped.is_file() else None, overrides)
 
 
-def train_method(
-    method_cls: type, config: Any, store, store_dir: Path, subject: int, run_dir: Path, seed: int
-):
-    """``init_run_dir`` + ``fit`` (what ``fmrirecon train`` does); returns the fitted method."""
-    import shutil
+def train_method(method_cls: type, config: Any, data, run_dir: Path, seed: int, device="cpu"):
+    """:func:`fmrirecon.runs.train_run` into a fresh ``run_dir`` (the demo owns its run dirs: a rerun, maybe
+    with the other profile, trains afresh instead of refusing a run dir that holds another config)."""
+    from fmrirecon.runs import train_run
 
-    from fmrirecon.methods.base import init_run_dir
-
-    # The demo owns its run dirs: a rerun (maybe with the other profile) trains afresh instead of refusing a
-    # run dir that holds a different config.
-    if run_dir.is_dir():
-        shutil.rmtree(run_dir)
-    init_run_dir(
-        run_dir, method=method_cls.name, config=config, subject=subject, store_path=store_dir, seed=seed
-    )
-    method = method_cls(config)
-    method.fit(store, subject, run_dir, seed=seed)
-    return method
+    return train_run(method_cls, config, data, run_dir, seed=seed, device=device, fresh=True)
 
 
 def reconstruct_test_set(
     method, store, store_dir: Path, subject: int, recon_root: Path, profile: DemoProfile, seed: int
 ) -> list[Path]:
-    """Reconstruct the subject's repeat-averaged shared test images, one folder per variant."""
-    from fmrirecon.methods.base import store_fingerprint
+    """Reconstruct the subject's repeat-averaged shared test images, one folder per declared variant
+    (:func:`fmrirecon.runs.reconstruct_run`)."""
+    from fmrirecon.runs import reconstruct_run
 
-    ids, betas = store.subject(subject).averaged("test")
-    if profile.max_test_images is not None:
-        # Test ids come sorted; the first n keep the 73k order and the same images across subjects.
-        ids, betas = ids[: profile.max_test_images], betas[: profile.max_test_images]
-    brain = method.brain_embeddings(betas)
-    image_side = method.image_embeddings(store.images(ids)) if brain is not None else None
-    fingerprint = store_fingerprint(store_dir) if (store_dir / "manifest.json").is_file() else None
-    recon_dirs = []
-    for variant in method.variants():
-        images = method.reconstruct(betas, profile.samples, seed, variant=variant)
-        recon_dirs.append(
-            write_recon_dir(
-                recon_root / variant / f"subj{subject:02d}",
-                method=method.name,
-                subject=subject,
-                variant=variant,
-                ids=ids,
-                images=images,
-                brain_embeddings=brain,
-                image_embeddings=image_side,
-                extra={
-                    "store": str(store_dir.resolve()),
-                    "store_fingerprint": fingerprint,
-                    "seed": seed,
-                    "split": "test",
-                    "versions": library_versions(),
-                },
-            )
+    return [
+        reconstruct_run(
+            method,
+            store,
+            subject,
+            recon_root / variant / f"subj{subject:02d}",
+            split="test",
+            limit=profile.max_test_images,
+            samples=profile.samples,
+            seed=seed,
+            variant=variant,
         )
-    return recon_dirs
+        for variant in method.variants()
+    ]
 
 
-def evaluate(recon_dirs: list[Path], store_dir: Path, preset: str) -> dict[str, Any]:
-    from fmrirecon.evaluation import evaluate_reconstructions
+def evaluate(recon_dirs: list[Path], store_dir: Path, preset: str, device="cpu") -> dict[str, Any]:
+    from fmrirecon.runs import evaluate_runs
 
-    return evaluate_reconstructions(recon_dirs, store_dir, preset)
+    return evaluate_runs(recon_dirs, store_dir, preset, device=device)
 
 
 def available_methods() -> list[str]:
@@ -292,7 +270,7 @@ class DemoStages:
     method_config: Callable[[type, DemoProfile], Any] = method_config
     train_method: Callable[..., Any] = train_method
     reconstruct_test_set: Callable[..., list[Path]] = reconstruct_test_set
-    evaluate: Callable[[list[Path], Path, str], dict[str, Any]] = evaluate
+    evaluate: Callable[..., dict[str, Any]] = evaluate
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -323,6 +301,7 @@ def run_demo(
     methods: Sequence[str] | None = None,
     seed: int = 0,
     overrides: Sequence[str] = (),
+    device: str = "auto",
     stages: DemoStages | None = None,
     echo: Callable[[str], None] = print,
 ) -> DemoResult:
@@ -337,12 +316,16 @@ def run_demo(
         methods: method names to run; default every registered method.
         seed: one seed for the world, training and sampling (same seed → same outputs).
         overrides: ``METHOD.key=value`` config overrides applied after the profile's, e.g.
-            ``"neuraldiffuser.finetune_train.epochs=2"``.
+            ``"ridge.reconstruction.num_steps=5"``.
+        device: ``auto`` / ``cpu`` / ``cuda[:N]`` for training, reconstruction and evaluation.
         stages: replacements for the layer calls (tests).
         echo: where per-stage progress messages go.
     """
-    from fmrirecon.report import build_report
+    from fmrirecon.device import resolve_device
+    from fmrirecon.methods.base import PRETRAIN, RunData
+    from fmrirecon.runs import report_runs
 
+    device = resolve_device(device)
     stages = stages or DemoStages()
     profile = with_overrides(PROFILES["quick" if quick else "default"], overrides)
     out = Path(out)
@@ -384,11 +367,37 @@ def run_demo(
             outcome.skipped_reason = str(err)
             echo(f"[demo] {name}: skipped — {err}")
             continue
+        init_from = None
+        if PRETRAIN in method_cls.capabilities.stages and method_cls(config).uses_pretraining():
+            # One pretraining run per held-out subject set, reused by every target run (DESIGN.md "Runs").
+            held_out = subjects if method_cls.capabilities.pretrain_holds_out_targets else []
+            others = [s for s in store.subjects if s not in held_out]
+            run_dir = out / "runs" / name / PRETRAIN
+            t = stage(f"pretrain {name}", f"subjects {others} → {run_dir}")
+            try:
+                if not others:
+                    raise ConfigError(
+                        f"{name} pretrains on subjects other than {held_out}, but the store holds only "
+                        f"{list(store.subjects)}; set {name}.training.pretrain=false or use a larger world"
+                    )
+                stages.train_method(
+                    method_cls, config, RunData([store], others, PRETRAIN), run_dir, seed, device
+                )
+                timings[f"train/{name}/{PRETRAIN}"] = time.perf_counter() - t
+                outcome.pretrain_dir = init_from = run_dir
+                outcome.run_dirs.append(run_dir)
+            except Exception as err:  # one broken method must not hide the others' results
+                logger.debug("demo: %s failed\n%s", name, traceback.format_exc())
+                outcome.failed = True
+                outcome.skipped_reason = f"failed while pretraining: {type(err).__name__}: {err}"
+                echo(f"[demo] {name}: FAILED — {outcome.skipped_reason}")
+                continue
         for subject in subjects:
             run_dir = out / "runs" / name / f"subj{subject:02d}"
             t = stage(f"train {name}", f"subj{subject:02d} → {run_dir}")
             try:
-                method = stages.train_method(method_cls, config, store, store_dir, subject, run_dir, seed)
+                data = RunData([store], [subject], init_from=init_from)
+                method = stages.train_method(method_cls, config, data, run_dir, seed, device)
                 timings[f"train/{name}/subj{subject:02d}"] = time.perf_counter() - t
                 outcome.run_dirs.append(run_dir)
                 t = stage(
@@ -410,7 +419,7 @@ def run_demo(
     recon_dirs = [d for o in outcomes if not o.failed for d in o.recon_dirs]
     t = stage("evaluate", f"{len(recon_dirs)} reconstruction folder(s), preset '{EVALUATION_PRESET}'")
     if recon_dirs:
-        evaluation = stages.evaluate(recon_dirs, store_dir, EVALUATION_PRESET)
+        evaluation = stages.evaluate(recon_dirs, store_dir, EVALUATION_PRESET, device)
         evaluation = _relink_results(dict(evaluation), recon_dirs, out)
     else:
         evaluation = {
@@ -429,7 +438,7 @@ def run_demo(
 
     t = stage("report", f"{result.report}")
     run_dirs = [d for o in outcomes for d in o.run_dirs]
-    build_report(
+    report_runs(
         [result.metrics, *run_dirs],
         result.report,
         truth=store_dir,
@@ -443,6 +452,7 @@ def run_demo(
         {
             "profile": asdict(profile),
             "seed": seed,
+            "device": str(device),
             "data": {"world": str(world_dir), "store": str(store_dir)},
             "subjects": subjects,
             "methods": names,

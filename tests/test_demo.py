@@ -25,6 +25,7 @@ from fmrirecon.demo import (
 from fmrirecon.errors import ConfigError
 from fmrirecon.evaluation.metrics import pixcorr
 from fmrirecon.io import write_json_atomic
+from fmrirecon.methods.base import Capabilities, ReconMethod
 from fmrirecon.report.fake import write_fake_report_inputs
 from fmrirecon.report.inputs import GroundTruth
 
@@ -43,6 +44,7 @@ class _FakeStore:
     """Store double: subjects with pairwise-different voxel counts, images from a real stimuli.hdf5."""
 
     def __init__(self, store_dir: Path, test_ids: dict[int, list[int]]):
+        self.path = store_dir
         self.truth = GroundTruth(store_dir)
         self._subjects = {s: _FakeSubject(ids, 10 + s) for s, ids in test_ids.items()}
         self.subjects = sorted(test_ids)
@@ -59,18 +61,40 @@ class _Config:
     noise: float = 30.0
 
 
-def _make_method(method_name: str, method_variants: tuple[str, ...], fail: bool = False):
-    class FakeMethod:
+@dataclass
+class _Settings:
+    pass
+
+
+def _make_method(
+    method_name: str,
+    method_variants: tuple[str, ...],
+    fail: bool = False,
+    stages: tuple[str, ...] = ("target",),
+):
+    class FakeMethod(ReconMethod):
         """Reconstructs the ground truth plus seeded noise, so metrics are meaningful and deterministic."""
 
         name = method_name
         Config = _Config
+        Settings = _Settings
+        capabilities = Capabilities(
+            variants=method_variants,
+            stages=stages,
+            pretrain_holds_out_targets=True,
+            retrieval_embeddings=True,
+        )
 
-        def __init__(self, config, store):
-            self.config, self.store = config, store
+        def __init__(self, config, store=None):
+            super().__init__(config)
+            self.store = store
 
-        def variants(self):
-            return list(method_variants)
+        def fit(self, data, run_dir, *, seed=0):
+            raise AssertionError("the demo tests train through the fake train stage")
+
+        @classmethod
+        def load(cls, run_dir, *, device=None):
+            raise AssertionError("not used")
 
         def brain_embeddings(self, betas):
             return betas[:, :4]
@@ -78,7 +102,7 @@ def _make_method(method_name: str, method_variants: tuple[str, ...], fail: bool 
         def image_embeddings(self, images):
             return images.reshape(len(images), -1)[:, :4].astype(np.float32)
 
-        def reconstruct(self, betas, samples, seed, *, variant=None):
+        def reconstruct(self, betas, samples, seed, *, variant=None, settings=None):
             if fail:
                 raise RuntimeError("diverged <b>badly</b>")
             ids = self.store.subject(self.subject).ids[: len(betas)]
@@ -116,11 +140,27 @@ def _stages(fake, calls: list[str], methods: dict[str, type], names: list[str]) 
             raise ConfigError(f"method '{name}' cannot be imported: No module named 'torch_sparse'")
         return methods[name]
 
-    def train(method_cls, config, store, store_dir, subject, run_dir, seed):
-        calls.append(f"train:{method_cls.name}:{subject}")
+    def train(method_cls, config, data, run_dir, seed, device):
+        assert str(device) == "cpu"
+        if data.stage == "pretrain":
+            calls.append(f"train:{method_cls.name}:pretrain:{list(data.subjects)}")
+        else:
+            init = f":from:{data.init_from.name}" if data.init_from else ""
+            calls.append(f"train:{method_cls.name}:{data.subject}{init}")
+        subject, store = data.subjects[0], data.store
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", {"noise": config.noise})
-        write_json_atomic(run_dir / "run.json", {"method": method_cls.name, "subject": subject, "seed": seed})
+        one = subject if data.stage == "target" else None  # as init_run_dir writes it
+        write_json_atomic(
+            run_dir / "run.json",
+            {
+                "method": method_cls.name,
+                "stage": data.stage,
+                "subject": one,
+                "subjects": list(data.subjects),
+                "seed": seed,
+            },
+        )
         (run_dir / "pretrain").mkdir(exist_ok=True)
         (run_dir / "pretrain" / "metrics.jsonl").write_text(
             "".join(json.dumps({"step": s, "loss": 1.0 / (s + 1)}) + "\n" for s in range(10))
@@ -129,7 +169,7 @@ def _stages(fake, calls: list[str], methods: dict[str, type], names: list[str]) 
         method.subject = subject
         return method
 
-    def evaluate(recon_dirs, store_dir, preset):
+    def evaluate(recon_dirs, store_dir, preset, device):
         calls.append(f"evaluate:{preset}:{len(recon_dirs)}")
         results = []
         truth = GroundTruth(fake.store)
@@ -184,18 +224,25 @@ def test_demo_runs_stages_skips_unimportable_and_writes_metrics_and_report(fake_
     calls, messages = [], []
     methods = {
         "ridge": _make_method("ridge", ("default",)),
-        "neuraldiffuser": _make_method("neuraldiffuser", ("guided", "unguided")),
+        "neuraldiffuser": _make_method(
+            "neuraldiffuser", ("guided", "unguided"), stages=("target", "pretrain")
+        ),
     }
     stages = _stages(fake_world, calls, methods, ["neuraldiffuser", "mindreader", "ridge"])
     out = tmp_path / "demo"
-    result = run_demo(out, data=tmp_path / "data", stages=stages, echo=messages.append)
+    result = run_demo(out, data=tmp_path / "data", stages=stages, echo=messages.append, device="cpu")
 
-    # Default profile: 2 subjects; each stage once, in the one-direction order.
+    # Default profile: 2 subjects; each stage once, in the one-direction order. A method with a pretraining
+    # stage that holds the targets out pretrains once, on the store's other subject (3), and both target runs
+    # start from that run.
     assert calls == [
         "world:world:0", "prepare:store", "load:store",
-        "train:neuraldiffuser:1", "train:neuraldiffuser:2", "train:ridge:1", "train:ridge:2",
+        "train:neuraldiffuser:pretrain:[3]",
+        "train:neuraldiffuser:1:from:pretrain", "train:neuraldiffuser:2:from:pretrain",
+        "train:ridge:1", "train:ridge:2",
         "evaluate:world:6",
     ]  # fmt: skip
+    assert result.outcomes[0].pretrain_dir == out / "runs" / "neuraldiffuser" / "pretrain"
     assert result.skipped == [
         {
             "method": "mindreader",
@@ -229,10 +276,11 @@ def test_demo_runs_stages_skips_unimportable_and_writes_metrics_and_report(fake_
     html = (out / "report.html").read_text()
     page = _Rows()
     page.feed(html)
-    assert page.rows == {"1": 6, "2": 4}
+    # the pretraining run (several subjects, none reconstructed) has a section of its own: losses, no images
+    assert page.rows == {"1": 6, "2": 4, "": 0}
     assert all(src.startswith("data:image/png;base64,") for src in page.srcs)
     assert "torch_sparse" in html and "mindreader" in html
-    assert html.count('class="plot loss-plot"') == 4
+    assert html.count('class="plot loss-plot"') == 5  # four target runs and the pretraining run
     assert any("report:" in m and str((out / "report.html").resolve()) in m for m in messages)
     assert any(m.startswith("[demo] train neuraldiffuser") for m in messages)
     demo_json = json.loads((out / "demo.json").read_text())
@@ -348,10 +396,17 @@ def test_method_config_layers_world_then_quick_yaml_then_overrides():
     world = load_config(nd.Config, configs / "world.yaml")
     assert method_config(nd, PROFILES["default"]) == world
     quick = method_config(nd, PROFILES["quick"])
-    assert quick.hidden_dim == read_yaml(configs / "world_quick.yaml")["hidden_dim"] != world.hidden_dim
-    profile = with_overrides(PROFILES["quick"], ["neuraldiffuser.num_steps=3", "ridge.num_steps=4"])
-    assert profile.method_overrides == {"neuraldiffuser": ("num_steps=3",), "ridge": ("num_steps=4",)}
-    assert method_config(nd, profile).num_steps == 3
+    quick_yaml = read_yaml(configs / "world_quick.yaml")  # its base (world.yaml) first, then its own keys
+    assert quick.model.hidden_dim == quick_yaml["model"]["hidden_dim"] != world.model.hidden_dim
+    assert quick.model.projector_dim == world.model.projector_dim  # not restated: world.yaml's value
+    assert "projector_dim" not in (configs / "world_quick.yaml").read_text()
+    profile = with_overrides(
+        PROFILES["quick"], ["neuraldiffuser.reconstruction.num_steps=3", "ridge.reconstruction.num_steps=4"]
+    )
+    assert profile.method_overrides == {
+        "neuraldiffuser": ("reconstruction.num_steps=3",), "ridge": ("reconstruction.num_steps=4",),
+    }  # fmt: skip
+    assert method_config(nd, profile).reconstruction.num_steps == 3
     with pytest.raises(ConfigError, match="METHOD.key=value"):
         with_overrides(profile, ["num_steps=3"])
     with pytest.raises(ConfigError, match="no_such_key"):
@@ -384,6 +439,7 @@ def test_cli_arguments_reach_run_demo(monkeypatch, tmp_path, capsys):
     assert code == 0
     assert seen == {
         "out": tmp_path / "o", "quick": True, "data": None, "methods": ["ridge"], "seed": 5, "overrides": [],
+        "device": "auto",
     }  # fmt: skip
     main(["demo", "--out", str(tmp_path / "o"), "--set", "ridge.num_steps=3", "--set", "ridge.strength=0.5"])
     assert seen["overrides"] == ["ridge.num_steps=3", "ridge.strength=0.5"]

@@ -12,8 +12,14 @@ from torch import nn
 
 from fmrirecon.errors import SubjectMismatchError
 from fmrirecon.methods import get_method
-from fmrirecon.methods.base import init_run_dir
-from fmrirecon.methods.neuraldiffuser import NeuralDiffuser, NeuralDiffuserMethodConfig
+from fmrirecon.methods.base import RunData, init_run_dir, mark_done
+from fmrirecon.methods.neuraldiffuser import (
+    NeuralDiffuser,
+    NeuralDiffuserMethodConfig,
+    NeuralDiffuserTraining,
+)
+from fmrirecon.methods.neuraldiffuser.model import DecoderSizes
+from fmrirecon.methods.neuraldiffuser.pipeline import ReconstructionSettings
 from fmrirecon.methods.neuraldiffuser.retrieval import voting_retrieval
 from fmrirecon.train import TrainConfig
 
@@ -102,26 +108,26 @@ def tiny_config(**overrides):
         diffusion="tiny",
         clip="tiny",
         guidance_layers=(1, 2),
-        hidden_dim=32,
-        mixer_blocks=1,
-        projector_dim=16,
-        prior_depth=1,
-        prior_heads=2,
-        prior_dim_head=8,
-        prior_sample_steps=4,
-        resmlp_blocks=1,
-        grid_channels=8,
-        grid_size=4,
-        upsampler_channels=(8, 8),
-        latent_projector_channels=8,
-        batch_size=8,
-        pretrain_train=TrainConfig(**train),
-        finetune_train=TrainConfig(**train),
-        num_steps=4,
-        strength=0.5,
-        cfg_scale=2.0,
-        guidance_scale=50.0,
-        guidance_strength=0.5,
+        model=DecoderSizes(
+            hidden_dim=32,
+            mixer_blocks=1,
+            projector_dim=16,
+            prior_depth=1,
+            prior_heads=2,
+            prior_dim_head=8,
+            prior_sample_steps=4,
+            resmlp_blocks=1,
+            grid_channels=8,
+            grid_size=4,
+            upsampler_channels=(8, 8),
+            latent_projector_channels=8,
+        ),
+        training=NeuralDiffuserTraining(
+            batch_size=8, pretrain_train=TrainConfig(**train), finetune_train=TrainConfig(**train)
+        ),
+        reconstruction=ReconstructionSettings(
+            num_steps=4, strength=0.5, cfg_scale=2.0, feature_guidance_scale=50.0, guidance_strength=0.5
+        ),
         progress=False,
     )
     for k, v in overrides.items():
@@ -135,9 +141,17 @@ def fitted(tmp_path_factory):
     store = write_toy_store(tmp / "store")
     method = NeuralDiffuser(tiny_config())
     method._backbones = (tiny_ld(), TinyClip())
-    run_dir = tmp / "run"
-    init_run_dir(run_dir, method="neuraldiffuser", config=method.config, subject=1, store_path=store, seed=0)
-    method.fit(store, 1, run_dir, seed=0)
+    # leave-the-target-out pretraining is a run of its own (subject 2); the target run starts from it
+    pre_dir, run_dir = tmp / "pretrain", tmp / "run"
+    pre = RunData([store], [2], "pretrain")
+    init_run_dir(pre_dir, method="neuraldiffuser", config=method.config, data=pre, seed=0)
+    pretrainer = NeuralDiffuser(method.config)
+    pretrainer._backbones = method._backbones
+    pretrainer.fit(pre, pre_dir, seed=0)
+    mark_done(pre_dir)
+    target = RunData.target(store, 1, init_from=pre_dir)
+    init_run_dir(run_dir, method="neuraldiffuser", config=method.config, data=target, seed=0)
+    method.fit(target, run_dir, seed=0)
     return method, store, run_dir
 
 
@@ -145,22 +159,23 @@ def test_registry_and_variants():
     assert get_method("neuraldiffuser") is NeuralDiffuser
     assert NeuralDiffuser().variants() == ["guided", "unguided"]
     paper = NeuralDiffuserMethodConfig()
-    assert (paper.guidance_scale, paper.guidance_strength, paper.cfg_scale, paper.strength) == (
+    rec = paper.reconstruction
+    assert (rec.feature_guidance_scale, rec.guidance_strength, rec.cfg_scale, rec.strength) == (
         3e5,
         0.2,
         7.5,
         0.75,
     )
-    assert paper.pretrain_train.epochs == 150 and paper.prior_weight == 30.0
+    assert paper.training.pretrain_train.epochs == 150 and paper.model.prior_weight == 30.0
 
 
 def test_fit_runs_named_stages_and_saves_model(fitted):
     _, _, run_dir = fitted
     decoders = ["semantic", "guidance.layer1", "guidance.layer2", "latent"]
     for name in decoders:
-        for stage in ("pretrain", "finetune"):
-            assert (run_dir / f"{stage}-{name}" / "done.json").is_file(), (stage, name)
-            lines = (run_dir / f"{stage}-{name}" / "metrics.jsonl").read_text().splitlines()
+        for stage, stage_run in (("pretrain", run_dir.parent / "pretrain"), ("finetune", run_dir)):
+            assert (stage_run / f"{stage}-{name}" / "done.json").is_file(), (stage, name)
+            lines = (stage_run / f"{stage}-{name}" / "metrics.jsonl").read_text().splitlines()
             assert len(lines) >= 2 and all(
                 np.isfinite(v) for v in json.loads(lines[-1]).values() if isinstance(v, float)
             )
@@ -173,7 +188,7 @@ def test_fit_again_resumes_finished_stages_to_identical_weights(fitted, tmp_path
     method, store, run_dir = fitted
     again = NeuralDiffuser(tiny_config())
     again._backbones = method._backbones
-    again.fit(store, 1, run_dir, seed=0)
+    again.fit(RunData.target(store, 1, init_from=run_dir.parent / "pretrain"), run_dir, seed=0)
     for a, b in zip(method.model.state_dict().values(), again.model.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -189,7 +204,13 @@ def test_reconstruct_load_and_determinism(fitted):
     loaded._backbones = method._backbones
     assert np.array_equal(loaded.reconstruct(betas[:2], samples=2, seed=3, variant="guided"), guided)
     unguided = loaded.reconstruct(betas[:2], samples=2, seed=3, variant="unguided")
-    zero = loaded.reconstruct(betas[:2], samples=2, seed=3, variant="guided", guidance_scale=0.0)
+    zero = loaded.reconstruct(
+        betas[:2],
+        samples=2,
+        seed=3,
+        variant="guided",
+        settings=loaded.settings_from(["feature_guidance_scale=0"]),
+    )
     assert np.array_equal(unguided, zero) and not np.array_equal(unguided, guided)
     with pytest.raises(SubjectMismatchError, match="26"):
         loaded.reconstruct(np.zeros((1, 26), np.float32))
@@ -308,14 +329,14 @@ def test_prior_sampling_steps_are_an_inference_setting(fitted):
     from fmrirecon.data.store import PreparedStore
 
     _, betas = PreparedStore(store).subject(1).averaged("test")
-    steps = method.config.prior_sample_steps
+    steps = method.config.model.prior_sample_steps
     try:
         decoded = {}
         for n in (steps, 1):
-            method.config.prior_sample_steps = n
+            method.config.model.prior_sample_steps = n
             decoded[n] = method.decode(betas[:2], seed=0)
     finally:
-        method.config.prior_sample_steps = steps
+        method.config.model.prior_sample_steps = steps
     again = method.decode(betas[:2], seed=0)
     torch.testing.assert_close(again["text"], decoded[steps]["text"])
     assert not torch.allclose(decoded[1]["text"], decoded[steps]["text"])

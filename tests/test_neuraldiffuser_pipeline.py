@@ -56,7 +56,7 @@ def _inputs(n=2):
 
 def test_settings_follow_the_paper():
     s = ReconstructionSettings()
-    assert (s.steps_run, s.guided_steps, s.cfg_scale, s.guidance_scale) == (37, 7, 7.5, 300_000.0)
+    assert (s.steps_run, s.guided_steps, s.cfg_scale, s.feature_guidance_scale) == (37, 7, 7.5, 300_000.0)
 
 
 def test_zero_guidance_equals_unguided_and_seed_is_deterministic(tiny_ld):
@@ -74,7 +74,7 @@ def test_zero_guidance_equals_unguided_and_seed_is_deterministic(tiny_ld):
         clip=clip,
         layers=(1, 2),
         guidance_targets=targets,
-        settings=ReconstructionSettings(**base, guidance_scale=0.0),
+        settings=ReconstructionSettings(**base, feature_guidance_scale=0.0),
         samples=2,
         seed=5,
         progress=False,
@@ -101,7 +101,7 @@ def test_guidance_loss_decreases_along_guided_steps(tiny_ld, tweedie):
         num_steps=10,
         strength=1.0,
         cfg_scale=1.0,
-        guidance_scale=200.0,
+        feature_guidance_scale=200.0,
         guidance_strength=0.6,
         tweedie=tweedie,
     )
@@ -126,7 +126,7 @@ def test_guidance_loss_decreases_along_guided_steps(tiny_ld, tweedie):
         tiny_ld,
         text,
         latents,
-        settings=settings.__class__(**{**settings.__dict__, "guidance_scale": 0.0}),
+        settings=settings.__class__(**{**settings.__dict__, "feature_guidance_scale": 0.0}),
         samples=1,
         seed=0,
         progress=False,
@@ -222,7 +222,7 @@ def _one_step_guidance(tiny_ld, **hook_options):
         clip.image_hidden_states(goal, [1, 2]),
         tiny_ld.decode_latents,
         lambda x: clip.image_hidden_states(x, [1, 2]),
-        guidance_scale=50.0,
+        feature_guidance_scale=50.0,
         guided_steps=1,
         **hook_options,
     )

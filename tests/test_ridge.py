@@ -17,8 +17,8 @@ from sklearn.model_selection import KFold
 from fmrirecon.data.store import PreparedStore
 from fmrirecon.errors import ConfigError, SubjectMismatchError
 from fmrirecon.methods import get_method
-from fmrirecon.methods.base import init_run_dir
-from fmrirecon.methods.ridge import RidgeConfig, RidgeMethod, fit_ridge_cv, restandardize
+from fmrirecon.methods.base import RunData, init_run_dir
+from fmrirecon.methods.ridge import RidgeConfig, RidgeMethod, RidgeReconstruction, fit_ridge_cv, restandardize
 from fmrirecon.methods.ridge.model import kfold_exact_ridge
 
 COLOURS = ("red", "green", "blue", "yellow")
@@ -92,10 +92,8 @@ def store(tmp_path_factory):
 TINY = RidgeConfig(
     alphas=(1e-1, 1.0, 10.0, 100.0, 1e3),
     cv_folds=4,
-    num_steps=4,
-    strength=0.5,
-    guidance_scale=2.0,
-    batch_size=8,
+    target_batch_size=8,
+    reconstruction=RidgeReconstruction(num_steps=4, strength=0.5, cfg_scale=2.0, batch_size=8),
 )
 
 
@@ -104,7 +102,7 @@ def fitted(store, tiny_ld, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     init_run_dir(run_dir, method="ridge", config=TINY, subject=1, store_path=store, seed=0)
     method = RidgeMethod(TINY, backbone=tiny_ld)
-    method.fit(store, 1, run_dir, seed=0)
+    method.fit(RunData.target(store, 1), run_dir, seed=0)
     return method, run_dir
 
 

@@ -31,8 +31,13 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for world, training and sampling")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
-        help="config override for one method, e.g. --set ridge.num_steps=10 (repeatable)",
+        help="config override for one method, e.g. --set ridge.reconstruction.num_steps=10 (repeatable)",
     )  # fmt: skip
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto | cpu | cuda | cuda:N (default: auto = the GPU if there is one)",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -46,6 +51,7 @@ def _run(args) -> int:
         methods=args.methods,
         seed=args.seed,
         overrides=args.overrides,
+        device=args.device,
     )
     print(f"report: {result.report.resolve()}")
     print(f"metrics: {result.metrics.resolve()}")

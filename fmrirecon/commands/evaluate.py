@@ -17,7 +17,9 @@ def register(subparsers) -> None:
     parser.add_argument("--preset", default="world", help="world | mindeye | braindiffuser (default: world)")
     parser.add_argument("--out", default="metrics.json", help="output JSON (default: metrics.json)")
     parser.add_argument("--weights-dir", default=None, help="folder searched first for network weights")
-    parser.add_argument("--device", default="cpu", help="torch device for the networks (default: cpu)")
+    parser.add_argument(
+        "--device", default="auto", help="auto | cpu | cuda | cuda:N for the networks (default: auto)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.set_defaults(func=_run)
 
@@ -57,15 +59,16 @@ def print_table(report: dict) -> None:
 
 
 def _run(args) -> int:
-    from fmrirecon.evaluation.suite import evaluate_reconstructions
+    from fmrirecon.device import resolve_device
     from fmrirecon.io import write_json_atomic
+    from fmrirecon.runs import evaluate_runs
 
-    report = evaluate_reconstructions(
+    report = evaluate_runs(
         args.recon,
         args.truth,
         args.preset,
         weights_dir=args.weights_dir,
-        device=args.device,
+        device=resolve_device(args.device),
         batch_size=args.batch_size,
     )
     write_json_atomic(args.out, report)

@@ -1,5 +1,5 @@
 """`fmrirecon reconstruct --run RUN --data STORE --out RECON_DIR [--samples K] [--seed S] [--variant V]
-[--select-best]`."""
+[--select-best] [--set key=value ...] [--device D]`."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ def register(subparsers) -> None:
         description=(
             "Load the method trained in RUN, reconstruct K images from each repeat-averaged betas of the "
             "run's subject (shared test images by default) and write RECON_DIR: manifest.json, "
-            "images/<id73k>_<k>.png and, when the method has them, brain_embeddings.npy and "
-            "image_embeddings.npy."
+            "images/<id73k>_<k>.png and, when the method declares retrieval embeddings, brain_embeddings.npy "
+            "and image_embeddings.npy. --set changes a reconstruction setting of the method (its "
+            "`reconstruction` config section), e.g. --set num_steps=20."
         ),
     )
     parser.add_argument(
@@ -39,57 +40,50 @@ def register(subparsers) -> None:
         "--select-best",
         action="store_true",
         help="sample K images per input and keep the one the method's own brain-decoded features prefer "
-        "(second-order selection; methods with select_best, e.g. neuraldiffuser)",
+        "(second-order selection; methods that declare it)",
+    )
+    parser.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+        help="reconstruction setting override (repeatable); unknown keys and wrong types are refused",
+    )  # fmt: skip
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto | cpu | cuda | cuda:N (default: auto = the GPU if there is one)",
     )
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from fmrirecon.data.store import PreparedStore
-    from fmrirecon.evaluation.io import write_recon_dir
+    from fmrirecon.device import resolve_device
     from fmrirecon.io import library_versions
-    from fmrirecon.methods import get_method
-    from fmrirecon.methods.base import check_run_store
+    from fmrirecon.runs import load_run, reconstruct_run
 
     if args.samples < 1:
         raise SystemExit("fmrirecon reconstruct: --samples must be >= 1")
-    info = check_run_store(args.run, args.data)  # SubjectMismatchError if RUN was trained on another store
-    method = get_method(info["method"]).load(args.run)
-    if args.select_best and not hasattr(method, "select_best"):
+    device = resolve_device(args.device)
+    # SubjectMismatchError if RUN was trained on another store
+    method, info = load_run(args.run, args.data, device=device)
+    settings = method.settings_from(args.settings)
+    if args.select_best and not method.capabilities.second_order_selection:
         raise SystemExit(
             f"fmrirecon reconstruct: --select-best: {info['method']} has no second-order selection"
         )
-    variant = method.resolve_variant(args.variant)
     store = PreparedStore(args.data)
-    ids, betas = store.subject(info["subject"]).averaged(args.split)
-    if args.limit is not None:
-        ids, betas = ids[: args.limit], betas[: args.limit]
-    logger.info(
-        "reconstructing %d images x %d samples (%s, %s)", len(ids), args.samples, info["method"], variant
-    )
-    images = method.reconstruct(betas, args.samples, args.seed, variant=variant)
-    if args.select_best:
-        images = method.select_best(betas, images, args.seed)
-    brain = method.brain_embeddings(betas)
-    image_side = method.image_embeddings(store.images(ids)) if brain is not None else None
-    write_recon_dir(
+    out = reconstruct_run(
+        method,
+        store,
+        info["subject"],
         args.out,
-        method=info["method"],
-        subject=info["subject"],
-        variant=variant,
-        ids=ids,
-        images=images,
-        brain_embeddings=brain,
-        image_embeddings=image_side,
-        extra={
-            "store": str(Path(args.data).resolve()),
-            "store_fingerprint": info["store_fingerprint"],
-            "run": str(Path(args.run).resolve()),
-            "seed": args.seed,
-            "split": args.split,
-            "selected_of": args.samples if args.select_best else None,
-            "versions": library_versions(),
-        },
+        split=args.split,
+        limit=args.limit,
+        samples=args.samples,
+        seed=args.seed,
+        variant=args.variant,
+        settings=settings,
+        select_best=args.select_best,
+        extra={"run": str(Path(args.run).resolve()), "versions": library_versions()},
     )
-    print(f"wrote {len(ids)} x {images.shape[1]} reconstructions to {args.out}")
+    print(f"wrote reconstructions ({info['method']}, subj{info['subject']:02d}) to {out}")
     return 0

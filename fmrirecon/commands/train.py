@@ -1,4 +1,5 @@
-"""`fmrirecon train METHOD --data STORE --subject N --out RUN [--config FILE] [--seed S] [key=value ...]`."""
+"""`fmrirecon train METHOD --data STORE (--subject N | --subjects 2,3,4) --out RUN [--stage S]
+[--init-from RUN] [--config FILE] [--seed S] [--device D] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -8,20 +9,26 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+USAGE = (
+    "fmrirecon train METHOD --data STORE (--subject N | --subjects N,M,...) --out RUN [--stage STAGE] "
+    "[--init-from RUN] [--config FILE] [--seed S] [--device auto|cpu|cuda[:N]] [key=value ...]"
+)
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train a reconstruction method on one subject of a prepared store",
-        usage=(
-            "fmrirecon train METHOD --data STORE --subject N --out RUN [--config FILE] [--seed S] "
-            "[key=value ...]"
-        ),
+        help="train one stage of a reconstruction method (a run) on subjects of prepared stores",
+        usage=USAGE,
         description=(
-            "Train METHOD on one subject. The config is the method's paper defaults, then --config (a YAML "
-            "file, or a name from configs/METHOD/, e.g. 'world'), then dotted key=value overrides. RUN "
-            "receives config.json (resolved config), run.json (method, subject, store, seed, versions) and "
-            "the weights; rerunning the same command resumes an interrupted run."
+            "Train one stage of METHOD (a run). The config is the method's paper defaults, then --config (a "
+            "YAML file, or a name from configs/METHOD/, e.g. 'world'), then dotted key=value overrides. RUN "
+            "receives config.json (resolved config), run.json (method, stage, subjects, stores, init run, "
+            "seed, "
+            "versions), the weights and done.json; rerunning the same command resumes an interrupted run. "
+            "A pretraining stage is a run of its own (--stage pretrain --subjects 2,3,4) that target runs "
+            "start "
+            "from (--init-from RUN)."
         ),
     )
     _add_options(parser, suppress=False)
@@ -31,15 +38,34 @@ def register(subparsers) -> None:
         "method_and_overrides",
         nargs=argparse.REMAINDER,
         metavar="METHOD [key=value ...]",
-        help="method name (e.g. ridge, neuraldiffuser), then dotted config overrides",
+        help="a registered method name, then dotted config overrides",
     )
     parser.set_defaults(func=_run, _parser=parser)
 
 
+def _subjects(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated subject numbers, got {text!r}") from None
+
+
 def _add_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     default = {"default": argparse.SUPPRESS} if suppress else {}
-    parser.add_argument("--data", type=Path, metavar="STORE", help="prepared store folder", **default)
-    parser.add_argument("--subject", type=int, metavar="N", help="1-based subject number", **default)
+    parser.add_argument(
+        "--data", type=Path, metavar="STORE", action="append",
+        help="prepared store folder (repeat for several stores; the first is the primary one)", **default,
+    )  # fmt: skip
+    parser.add_argument("--subject", type=int, metavar="N", help="the one subject (1-based)", **default)
+    parser.add_argument(
+        "--subjects",
+        type=_subjects,
+        metavar="N,M,...",
+        help="several subjects (e.g. a pretraining run)",
+        **default,
+    )
+    parser.add_argument("--stage", help="training stage (default: target)", **default)
+    parser.add_argument("--init-from", type=Path, metavar="RUN", help="finished run to start from", **default)
     parser.add_argument("--out", type=Path, metavar="RUN", help="run folder to create or resume", **default)
     parser.add_argument(
         "--config", metavar="FILE", help="YAML override file or configs/METHOD name", **default
@@ -50,6 +76,10 @@ def _add_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         help="seed for initialisation, data order and sampling (default: 0)",
         **(default or {"default": 0}),
     )
+    parser.add_argument(
+        "--device", help="auto | cpu | cuda | cuda:N (default: auto = the GPU if there is one)",
+        **(default or {"default": "auto"}),
+    )  # fmt: skip
 
 
 def parse_method_and_overrides(args: argparse.Namespace) -> argparse.Namespace:
@@ -64,60 +94,32 @@ def parse_method_and_overrides(args: argparse.Namespace) -> argparse.Namespace:
     if unknown:
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     for key, value in vars(parsed).items():
+        if key == "data" and getattr(args, "data", None):
+            value = [*args.data, *value]
         setattr(args, key, value)
-    missing = [f"--{k}" for k in ("data", "subject", "out") if getattr(args, k, None) is None]
+    missing = [f"--{k}" for k in ("data", "out") if getattr(args, k, None) is None]
+    if getattr(args, "subject", None) is None and getattr(args, "subjects", None) is None:
+        missing.append("--subject or --subjects")
     if missing:
         args._parser.error(f"the following arguments are required: {', '.join(missing)}")
+    if args.subject is not None and args.subjects is not None:
+        args._parser.error("give --subject N or --subjects N,M,..., not both")
     return args
 
 
-def resolve_config_path(method: str, config: str | None) -> Path | None:
-    """A path as given, or a config name shipped under ``fmrirecon/configs/<method>/<name>.yaml``."""
-    from fmrirecon.errors import ConfigError
-
-    if config is None:
-        return None
-    path = Path(config)
-    if path.is_file():
-        return path
-    shipped_dir = Path(__file__).resolve().parent.parent / "configs" / method
-    shipped = shipped_dir / f"{config.removesuffix('.yaml')}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = sorted(p.stem for p in shipped_dir.glob("*.yaml"))
-    raise ConfigError(
-        f"config {config!r} is neither a file nor a shipped config of {method} (shipped: {names})"
-    )
-
-
 def _run(args: argparse.Namespace) -> int:
-    import random
-
-    import numpy as np
-    import torch
-
-    from fmrirecon.data.store import PreparedStore
+    from fmrirecon.device import resolve_device
     from fmrirecon.methods import get_method
-    from fmrirecon.methods.base import init_run_dir
+    from fmrirecon.methods.base import TARGET, RunData
+    from fmrirecon.runs import method_config, train_run
 
     args = parse_method_and_overrides(args)
+    device = resolve_device(args.device)
     method_cls = get_method(args.method)
-    config = method_cls.config_from(resolve_config_path(args.method, args.config), args.overrides)
-    store = PreparedStore(args.data)
-    store.subject(args.subject)  # SubjectMismatchError if the store lacks the subject
-    init_run_dir(
-        args.out,
-        method=method_cls.name,
-        config=config,
-        subject=args.subject,
-        store_path=args.data,
-        seed=args.seed,
-    )
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    method = method_cls(config)
-    logger.info("training %s on subject %d of %s -> %s", method_cls.name, args.subject, args.data, args.out)
-    method.fit(store, args.subject, args.out, seed=args.seed)
-    print(f"trained {method_cls.name} for subject {args.subject}: {args.out}")
+    config = method_config(method_cls, args.config, args.overrides)
+    subjects = [args.subject] if args.subject is not None else args.subjects
+    data = RunData(args.data, subjects, args.stage or TARGET, args.init_from)
+    method_cls(config).check_run_data(data)  # stage, subjects, init run: refused before anything is written
+    train_run(method_cls, config, data, args.out, seed=args.seed, device=device)
+    print(f"trained {method_cls.name} ({data.stage}) on subject(s) {list(data.subjects)}: {args.out}")
     return 0

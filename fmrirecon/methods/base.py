@@ -1,36 +1,23 @@
-"""The interface every reconstruction method implements, and the run-dir bookkeeping they share.
+"""The interface every reconstruction method implements (method interface v2), and the run-dir bookkeeping.
 
-A method is a :class:`ReconMethod` subclass with a ``Config`` dataclass (defaults = the paper's values),
-registered by name in :mod:`fmrirecon.methods`. ``fmrirecon train`` builds ``Method(config)``, calls
-:func:`init_run_dir` (writes ``RUN/config.json`` and ``RUN/run.json``, or checks an existing run dir is the
-same run) and then ``method.fit(store, subject, run_dir, seed=seed)``; ``fmrirecon reconstruct`` calls
-``Method.load(run_dir)`` and
-``method.reconstruct(betas, samples, seed)``.
+A method is a :class:`ReconMethod` subclass in its own folder, registered by one line in
+:mod:`fmrirecon.methods`. It declares:
 
-Example (a subclass; training goes through the shared trainer)::
+- ``Config``: a dataclass whose defaults are the paper's values, with a ``reconstruction`` section
+  (``Settings``, another dataclass) that :meth:`ReconMethod.reconstruct` takes (``--set key=value``);
+- ``capabilities``: a :class:`Capabilities` (variants, training stages, second-order selection, retrieval
+  embeddings, analyses) that the CLI, the demo and the report read instead of method names.
 
-    @dataclass
-    class MyConfig:
-        hidden: int = 1024                                   # paper value
-        train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=150, lr=3e-4))
+A **run** is one training stage of one method on named data, a :class:`RunData` (one or more prepared
+stores, one or more subjects, a stage, optionally the run it starts from)::
 
-    class MyMethod(ReconMethod):
-        name = "mymethod"
-        Config = MyConfig
+    fmrirecon train neuraldiffuser --stage pretrain --subjects 2,3,4 --data STORE --out PRE
+    fmrirecon train neuraldiffuser --subject 1 --init-from PRE --data STORE --out RUN
 
-        def fit(self, store, subject, run_dir, *, seed=0):
-            model = MyModel(...)  # nn.Module with training_step(batch) -> {"loss": ...}
-            loader = DataLoader(TrainDataset(store, subject, "train"), batch_size=32, shuffle=True)
-            trainer = Trainer(self.config.train, run_dir, seed=seed, run_config=self.config)
-            trainer.fit(model, loader, stage="pretrain")
-            save_safetensors_atomic(model.state_dict(), Path(run_dir) / "model.safetensors")
-
-        @classmethod
-        def load(cls, run_dir):
-            method = cls(cls.read_run_config(run_dir)); ...; return method
-
-        def reconstruct(self, betas, samples=1, seed=0, *, variant=None):  # (N, V) -> uint8 (N, K, H, W, 3)
-            ...
+``fmrirecon train`` and the demo go through :mod:`fmrirecon.runs`: :func:`init_run_dir` (``RUN/config.json``
++ ``RUN/run.json``, or a check that an existing run dir is the same run), then ``method.fit(data, run_dir,
+seed=seed)``, then ``RUN/done.json``; ``fmrirecon reconstruct`` calls ``Method.load(run_dir, device=...)`` and
+``method.reconstruct(betas, samples, seed, variant=..., settings=...)``. See ``docs/adding-a-method.md``.
 """
 
 from __future__ import annotations
@@ -38,16 +25,136 @@ from __future__ import annotations
 import abc
 import hashlib
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_type_hints
 
 import numpy as np
 
-from fmrirecon.config import config_from_dict, config_to_dict, diff_configs, load_config
+from fmrirecon.config import (
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    diff_configs,
+    load_config,
+    type_name,
+)
+from fmrirecon.data.integrity import store_digest
 from fmrirecon.errors import ConfigError, DatasetLayoutError, SubjectMismatchError
 from fmrirecon.io import library_versions, read_json, write_json_atomic
 
-__all__ = ["ReconMethod", "init_run_dir", "read_run", "store_fingerprint", "check_run_store"]
+__all__ = [
+    "PRETRAIN",
+    "TARGET",
+    "Capabilities",
+    "ReconMethod",
+    "RunData",
+    "check_init_run",
+    "check_run_store",
+    "init_run_dir",
+    "mark_done",
+    "read_run",
+    "store_fingerprint",
+]
+
+# Stage names: ``target`` fits the subject whose images are reconstructed; ``pretrain`` is a run of its own
+# (other subjects, other stores) that target runs start from with ``init_from``.
+TARGET = "target"
+PRETRAIN = "pretrain"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method offers beyond ``fit`` / ``load`` / ``reconstruct``; read by the CLI, demo and report.
+
+    Attributes:
+        variants: named reconstruction variants; the first is the default.
+        stages: training stages the method accepts (``"target"``, ``"pretrain"``).
+        pretrain_holds_out_targets: a pretraining run must not include the target subjects (NeuralDiffuser's
+            leave-the-target-out pretraining, §4.2.3). The demo then pretrains once on the store's subjects
+            that it does not reconstruct and starts every target run from that run.
+        multi_subject_target: a target run may fit several subjects at once.
+        second_order_selection: :meth:`ReconMethod.select_best` keeps the best of K samples.
+        retrieval_embeddings: :meth:`ReconMethod.brain_embeddings` / ``image_embeddings`` share a space.
+        analyses: names in :mod:`fmrirecon.analysis` meant for this method's runs (besides the generic ones).
+    """
+
+    variants: tuple[str, ...] = ("default",)
+    stages: tuple[str, ...] = (TARGET,)
+    pretrain_holds_out_targets: bool = False
+    multi_subject_target: bool = False
+    second_order_selection: bool = False
+    retrieval_embeddings: bool = False
+    analyses: tuple[str, ...] = ()
+
+
+class RunData:
+    """The data a training run names: prepared stores, subjects, stage, and the run it starts from.
+
+    Args:
+        stores: one or more prepared stores (``PreparedStore`` objects or folders); the first is the primary
+            store (the one whose subjects the run fits and reconstruction reads).
+        subjects: 1-based subject numbers in the primary store.
+        stage: one of the method's ``capabilities.stages``.
+        init_from: a finished run this run starts from (e.g. a ``pretrain`` run), or None.
+    """
+
+    def __init__(self, stores, subjects, stage: str = TARGET, init_from: str | os.PathLike | None = None):
+        from fmrirecon.data.store import PreparedStore
+
+        if isinstance(stores, str | os.PathLike | PreparedStore):
+            stores = [stores]
+        # folders are opened; store objects (PreparedStore or a test double) are kept as they are
+        self.stores = tuple(PreparedStore(s) if isinstance(s, str | os.PathLike) else s for s in stores)
+        if not self.stores:
+            raise ConfigError("a run needs at least one prepared store")
+        subjects = [subjects] if isinstance(subjects, int | np.integer) else list(subjects)
+        self.subjects = tuple(int(s) for s in subjects)
+        if not self.subjects:
+            raise ConfigError("a run needs at least one subject")
+        if len(set(self.subjects)) != len(self.subjects):
+            raise ConfigError(f"subjects repeat: {list(self.subjects)}")
+        self.stage = str(stage)
+        self.init_from = Path(init_from) if init_from is not None else None
+
+    @classmethod
+    def target(cls, store, subject: int, init_from: str | os.PathLike | None = None) -> RunData:
+        """The common case: one store, one target subject."""
+        return cls([store], [subject], TARGET, init_from)
+
+    @property
+    def store(self):
+        """The primary store."""
+        return self.stores[0]
+
+    @property
+    def subject(self) -> int:
+        """The one subject of a single-subject run."""
+        if len(self.subjects) != 1:
+            raise ConfigError(f"this {self.stage} run names subjects {list(self.subjects)}; one was expected")
+        return self.subjects[0]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able provenance: stage, subjects, stores (path + fingerprint), init run."""
+        return {
+            "stage": self.stage,
+            "subjects": list(self.subjects),
+            "stores": [
+                {
+                    "path": str(Path(s.path).resolve()),
+                    "fingerprint": store_fingerprint(s.path),
+                    "digest": store_digest(s.path),  # content digest (fmrirecon.data.integrity)
+                }
+                for s in self.stores
+            ],
+            "init_from": str(self.init_from.resolve()) if self.init_from is not None else None,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"RunData(stores={[str(s.path) for s in self.stores]}, subjects={list(self.subjects)}, "
+            f"stage={self.stage!r}, init_from={self.init_from})"
+        )
 
 
 class ReconMethod(abc.ABC):
@@ -55,18 +162,26 @@ class ReconMethod(abc.ABC):
 
     Class attributes:
         name: registry name (``fmrirecon train NAME``).
-        Config: the method's config dataclass; its defaults are the paper's values.
+        Config: the method's config dataclass (paper defaults); its ``reconstruction`` field is a
+            ``Settings``.
+        Settings: the reconstruction-settings dataclass (paper defaults).
+        capabilities: a :class:`Capabilities`.
 
     Attributes:
         config: an instance of ``Config``.
         subject: the subject the method was fitted on (set by ``fit`` / ``load``), or None.
         n_voxels: voxel count the method expects in ``betas``, or None before fitting.
+        device: the torch device the method computes on (:meth:`to`).
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type]
+    Settings: ClassVar[type]
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, config: Any | None = None):
+        import torch
+
         if config is None:
             config = self.Config()
         if not isinstance(config, self.Config):
@@ -76,20 +191,28 @@ class ReconMethod(abc.ABC):
         self.config = config
         self.subject: int | None = None
         self.n_voxels: int | None = None
+        self.device = torch.device("cpu")
 
     # --------------------------------------------------------------- interface
     @abc.abstractmethod
-    def fit(self, store, subject: int, run_dir: str | os.PathLike, *, seed: int = 0) -> None:
-        """Train on ``store``'s ``subject`` (train split); save all that ``load`` needs in ``run_dir``."""
+    def fit(self, data: RunData, run_dir: str | os.PathLike, *, seed: int = 0) -> None:
+        """Train the stage ``data.stage`` on ``data``; save all that ``load`` (or a later run) needs in
+        ``run_dir``. Call :meth:`check_run_data` first."""
 
     @classmethod
     @abc.abstractmethod
-    def load(cls, run_dir: str | os.PathLike) -> ReconMethod:
+    def load(cls, run_dir: str | os.PathLike, *, device=None) -> ReconMethod:
         """Rebuild a fitted method from ``run_dir`` (config.json + safetensors; nothing unpickled)."""
 
     @abc.abstractmethod
     def reconstruct(
-        self, betas: np.ndarray, samples: int = 1, seed: int = 0, *, variant: str | None = None
+        self,
+        betas: np.ndarray,
+        samples: int = 1,
+        seed: int = 0,
+        *,
+        variant: str | None = None,
+        settings: Any | None = None,
     ) -> np.ndarray:
         """Reconstruct images from betas.
 
@@ -98,11 +221,20 @@ class ReconMethod(abc.ABC):
             samples: K images per input.
             seed: same seed → same images.
             variant: one of :meth:`variants` (None = the first).
+            settings: a ``Settings`` (None = the config's ``reconstruction`` section).
 
         Returns:
             uint8 (N, K, H, W, 3).
         """
 
+    def to(self, device) -> ReconMethod:
+        """Compute on ``device`` (a ``torch.device`` or its name) from now on."""
+        import torch
+
+        self.device = torch.device(device)
+        return self
+
+    # ------------------------------------------------------- optional capabilities
     def brain_embeddings(self, betas: np.ndarray) -> np.ndarray | None:
         """(N, V) → (N, D) embeddings for retrieval against :meth:`image_embeddings`, or None."""
         return None
@@ -111,9 +243,19 @@ class ReconMethod(abc.ABC):
         """uint8 (N, H, W, 3) → (N, D) in the space of :meth:`brain_embeddings`, or None."""
         return None
 
+    def select_best(
+        self, betas: np.ndarray, recons: np.ndarray, seed: int = 0, settings: Any | None = None
+    ) -> np.ndarray:
+        """Second-order selection: uint8 ``(N, K, H, W, 3)`` → ``(N, 1, H, W, 3)``."""
+        raise ConfigError(f"method {self.name} declares no second-order selection")
+
+    def uses_pretraining(self) -> bool:
+        """Whether this config wants a ``pretrain`` run before its target runs (read by the demo)."""
+        return PRETRAIN in self.capabilities.stages
+
     def variants(self) -> list[str]:
-        """Named reconstruction variants (e.g. with/without guidance); the first is the default."""
-        return ["default"]
+        """Named reconstruction variants (``capabilities.variants``); the first is the default."""
+        return list(self.capabilities.variants)
 
     # ----------------------------------------------------------------- helpers
     @classmethod
@@ -128,6 +270,65 @@ class ReconMethod(abc.ABC):
         if info["method"] != cls.name:
             raise ConfigError(f"run {run_dir} was trained with method '{info['method']}', not '{cls.name}'")
         return config_from_dict(cls.Config, read_json(Path(run_dir) / "config.json"))
+
+    def default_settings(self) -> Any:
+        """The config's ``reconstruction`` section (paper defaults unless the run's config changed them)."""
+        settings = getattr(self.config, "reconstruction", None)
+        return settings if settings is not None else self.Settings()
+
+    def settings_from(self, overrides=(), base: Any | None = None) -> Any:
+        """``base`` (default :meth:`default_settings`) with ``key=value`` overrides (``--set``), validated.
+
+        Raises:
+            ConfigError: one message naming the key, the expected type and the allowed keys.
+        """
+        base = self.default_settings() if base is None else base
+        if not overrides:
+            return base
+        try:
+            return apply_overrides(base, overrides)
+        except ConfigError as err:
+            names = {f.name for f in fields(base)}
+            hints = get_type_hints(type(base))
+            allowed = ", ".join(f"{n} ({type_name(hints[n])})" for n in hints if n in names)
+            raise ConfigError(
+                f"--set: {err}; the reconstruction settings of {self.name} are: {allowed}"
+            ) from None
+
+    def resolve_settings(self, settings: Any | None) -> Any:
+        """``settings`` checked to be a ``Settings``, or the default."""
+        if settings is None:
+            return self.default_settings()
+        if not isinstance(settings, self.Settings):
+            raise ConfigError(
+                f"{self.name} expects reconstruction settings of type {self.Settings.__name__}, "
+                f"got {type(settings).__name__}"
+            )
+        return settings
+
+    def check_run_data(self, data: RunData) -> None:
+        """Check ``data`` against the declared stages and subject rules, and its init run (if any).
+
+        Raises:
+            ConfigError: unknown stage, several subjects for a one-subject target, a bad init run.
+            SubjectMismatchError: a subject missing from the store, an init run on other data.
+        """
+        caps = self.capabilities
+        if data.stage not in caps.stages:
+            raise ConfigError(f"{self.name} has no stage {data.stage!r}; its stages are {list(caps.stages)}")
+        if data.stage == TARGET and len(data.subjects) > 1 and not caps.multi_subject_target:
+            raise ConfigError(
+                f"{self.name}'s target stage fits one subject, got subjects {list(data.subjects)} "
+                f"(several subjects: --stage {PRETRAIN}, where the method has it)"
+            )
+        for subject in data.subjects:
+            data.store.subject(subject)  # SubjectMismatchError naming the store's subjects
+        if data.init_from is not None:
+            if PRETRAIN not in caps.stages:
+                raise ConfigError(
+                    f"{self.name} has no pretraining stage, so a run cannot start from another run"
+                )
+            check_init_run(data.init_from, self.name, data, holds_out=caps.pretrain_holds_out_targets)
 
     def check_betas(self, betas: np.ndarray) -> np.ndarray:
         """Validate (N, V) betas against the fitted voxel count; returns float32."""
@@ -171,23 +372,39 @@ def init_run_dir(
     *,
     method: str,
     config: Any,
-    subject: int,
-    store_path: str | os.PathLike,
     seed: int,
+    data: RunData | None = None,
+    subject: int | None = None,
+    store_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Write ``RUN/config.json`` + ``RUN/run.json``, or check that an existing run dir is the same run.
 
+    The run is named by ``data`` (or, for one store and one target subject, ``subject`` + ``store_path``).
+    ``run.json``: ``method, stage, subjects, stores`` (path + fingerprint each), ``init_from``, ``seed``,
+    ``versions``, and for the primary store ``store`` / ``store_fingerprint``; ``subject`` is the subject of
+    a single-subject run, else None.
+
     Raises:
-        SubjectMismatchError: the run dir holds a run of another subject or another store.
-        ConfigError: the run dir holds another method, seed or config.
+        SubjectMismatchError: the run dir holds a run of other subjects or other stores.
+        ConfigError: the run dir holds another method, stage, seed, init run or config.
     """
+    if data is None:
+        if subject is None or store_path is None:
+            raise TypeError("init_run_dir needs data=RunData(...), or subject= and store_path=")
+        data = RunData.target(store_path, subject)
     run_dir = Path(run_dir)
     resolved = config_to_dict(config) if not isinstance(config, dict) else config
+    described = data.describe()
     info = {
         "method": method,
-        "subject": int(subject),
-        "store": str(Path(store_path).resolve()),
-        "store_fingerprint": store_fingerprint(store_path),
+        "stage": data.stage,
+        "subject": data.subjects[0] if len(data.subjects) == 1 else None,
+        "subjects": described["subjects"],
+        "store": described["stores"][0]["path"],
+        "store_fingerprint": described["stores"][0]["fingerprint"],
+        "store_digest": described["stores"][0]["digest"],
+        "stores": described["stores"],
+        "init_from": described["init_from"],
         "seed": int(seed),
     }
     run_file = run_dir / "run.json"
@@ -197,18 +414,27 @@ def init_run_dir(
             raise ConfigError(
                 f"run dir {run_dir} holds a '{old.get('method')}' run, not '{method}'; use a new --out"
             )
-        if old.get("subject") != info["subject"]:
+        if old.get("stage", TARGET) != info["stage"]:
+            raise ConfigError(f"run dir {run_dir} holds a '{old.get('stage')}' run, asked for '{data.stage}'")
+        old_subjects = old.get("subjects", [old.get("subject")])
+        if old_subjects != info["subjects"]:
             raise SubjectMismatchError(
-                f"run dir {run_dir} was started for subject {old.get('subject')}, asked for subject {subject}"
+                f"run dir {run_dir} was started for subjects {old_subjects}, "
+                f"asked for subjects {info['subjects']}"
             )
-        if old.get("store_fingerprint") != info["store_fingerprint"]:
+        old_prints = [s["fingerprint"] for s in old.get("stores", [])] or [old.get("store_fingerprint")]
+        if old_prints != [s["fingerprint"] for s in info["stores"]]:
             raise SubjectMismatchError(
-                f"run dir {run_dir} was started on store {old.get('store')} (fingerprint "
-                f"{old.get('store_fingerprint')}), got {info['store']} "
-                f"(fingerprint {info['store_fingerprint']})"
+                f"run dir {run_dir} was started on store(s) {old.get('stores', old.get('store'))} "
+                f"(fingerprints {old_prints}), got {info['stores']}"
             )
         if old.get("seed") != info["seed"]:
             raise ConfigError(f"run dir {run_dir} was started with seed {old.get('seed')}, got seed {seed}")
+        if old.get("init_from") != info["init_from"]:
+            raise ConfigError(
+                f"run dir {run_dir} was started from {old.get('init_from')}, "
+                f"got --init-from {info['init_from']}"
+            )
         diffs = diff_configs(read_json(run_dir / "config.json"), resolved)
         if diffs:
             raise ConfigError(
@@ -218,6 +444,47 @@ def init_run_dir(
         return old
     write_json_atomic(run_dir / "config.json", resolved)
     write_json_atomic(run_file, {**info, "versions": library_versions()})
+    return info
+
+
+def mark_done(run_dir: str | os.PathLike, **summary: Any) -> None:
+    """Write ``RUN/done.json`` once a run has finished (what ``--init-from`` requires)."""
+    write_json_atomic(Path(run_dir) / "done.json", {"finished": True, **summary})
+
+
+def check_init_run(
+    init_dir: str | os.PathLike, method: str, data: RunData, *, holds_out: bool = False
+) -> dict[str, Any]:
+    """Check that the finished run ``init_dir`` may start a ``method`` run on ``data``; returns its run.json.
+
+    Raises:
+        ConfigError: the init run is of another method, or has not finished (no ``done.json``).
+        SubjectMismatchError: it was trained on other stores than ``data``'s primary store, or (``holds_out``)
+            on one of ``data``'s subjects.
+    """
+    info = read_run(init_dir)
+    if info.get("method") != method:
+        raise ConfigError(
+            f"--init-from {init_dir} is a '{info.get('method')}' run; a {method} run starts only from a "
+            f"{method} run"
+        )
+    if not (Path(init_dir) / "done.json").is_file():
+        raise ConfigError(f"--init-from {init_dir} has not finished (no done.json): finish that run first")
+    prints = [s["fingerprint"] for s in info.get("stores", [])] or [info.get("store_fingerprint")]
+    primary = store_fingerprint(data.store.path)
+    if primary not in prints:
+        raise SubjectMismatchError(
+            f"--init-from {init_dir} was trained on store(s) {info.get('stores', info.get('store'))}, "
+            f"not on {Path(data.store.path).resolve()} (fingerprint {primary})"
+        )
+    if holds_out:
+        overlap = sorted(set(info.get("subjects", [])) & set(data.subjects))
+        if overlap:
+            raise SubjectMismatchError(
+                f"--init-from {init_dir} was pretrained on subjects {info.get('subjects')}, "
+                "which include this "
+                f"run's subject(s) {overlap}; {method} pretrains leaving the target out"
+            )
     return info
 
 

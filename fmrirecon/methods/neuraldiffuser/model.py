@@ -26,9 +26,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fmrirecon.data.nsd_facts import NSDGENERAL_VOXELS
-from fmrirecon.errors import ConfigError, SubjectMismatchError
+from fmrirecon.errors import ConfigError
 from fmrirecon.io import save_safetensors_atomic, write_json_atomic
 from fmrirecon.nn import (
+    SubjectVoxelEncoders,
     DiffusionPrior,
     LatentUpsampler,
     MapProjector,
@@ -36,6 +37,7 @@ from fmrirecon.nn import (
     PriorNetwork,
     ResidualMLP,
     TokenProjector,
+    encode_mixed_batch,
     mixco,
     mixco_nce,
     soft_clip_loss,
@@ -44,86 +46,6 @@ from fmrirecon.nn import (
 
 # The authors' code hooks CLIP ViT-B/32 residual blocks 1–6 (MLP outputs); the paper reads 2, 4, …, 12.
 PAPER_GUIDANCE_LAYERS = (1, 2, 3, 4, 5, 6)
-
-
-def subject_key(subject: int) -> str:
-    return f"subj{int(subject):02d}"
-
-
-class SubjectVoxelEncoders(nn.Module):
-    """One encoder per subject, voxels → subject-shared space (§4.2.1: a 1-layer fully connected network).
-
-    Args:
-        voxel_counts: ``{subject: V_s}``.
-        hidden_dim: shared-space width d (paper: 4096).
-        bias: linear bias (high-level code: yes; low-level code: no).
-        norm_act_dropout: follow the linear layer by LayerNorm → SiLU → Dropout(p) (low-level code: 0.5);
-            ``None`` keeps the plain linear layer.
-
-    Shapes: ``betas: (B, V_s)`` with one subject per call → ``(B, hidden_dim)``.
-    """
-
-    def __init__(
-        self,
-        voxel_counts: dict[int, int],
-        hidden_dim: int = 4096,
-        bias: bool = True,
-        norm_act_dropout: float | None = None,
-    ):
-        super().__init__()
-        self.voxel_counts = {int(s): int(v) for s, v in voxel_counts.items()}
-        self.hidden_dim = hidden_dim
-        self.encoders = nn.ModuleDict()
-        for subject, n_voxels in sorted(self.voxel_counts.items()):
-            layers: list[nn.Module] = [nn.Linear(n_voxels, hidden_dim, bias=bias)]
-            if norm_act_dropout is not None:
-                layers += [nn.LayerNorm(hidden_dim), nn.SiLU(), nn.Dropout(norm_act_dropout)]
-            self.encoders[subject_key(subject)] = nn.Sequential(*layers)
-
-    def check(self, betas: torch.Tensor, subject: int) -> None:
-        if int(subject) not in self.voxel_counts:
-            raise SubjectMismatchError(
-                f"no voxel encoder for subj{int(subject):02d}; this model has encoders for "
-                f"{[subject_key(s) for s in sorted(self.voxel_counts)]}"
-            )
-        expected = self.voxel_counts[int(subject)]
-        if betas.dim() != 2 or betas.shape[1] != expected:
-            raise SubjectMismatchError(
-                f"betas for subj{int(subject):02d} must be (N, {expected}), got {tuple(betas.shape)} — "
-                "were they prepared for another subject or ROI?"
-            )
-
-    def forward(self, betas: torch.Tensor, subject: int) -> torch.Tensor:
-        self.check(betas, subject)
-        return self.encoders[subject_key(subject)](betas)
-
-
-def _by_subject(subjects: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """Row indices grouped per subject, so mixed-subject batches go through their own encoders."""
-    return [(int(s), (subjects == s).nonzero(as_tuple=True)[0]) for s in torch.unique(subjects)]
-
-
-def encode_mixed_batch(encoders: SubjectVoxelEncoders, betas: list[torch.Tensor], subjects: torch.Tensor):
-    """Encode a batch whose rows may come from several subjects (each with its own voxel count).
-
-    Args:
-        betas: list of ``(V_s,)`` rows (lengths differ across subjects) or one ``(B, V)`` tensor.
-        subjects: ``(B,)`` subject per row.
-
-    Returns:
-        ``(B, hidden_dim)`` in the input row order.
-    """
-    out = None
-    for subject, rows in _by_subject(subjects):
-        if isinstance(betas, torch.Tensor):
-            x = betas[rows]
-        else:
-            x = torch.stack([betas[int(i)] for i in rows])
-        h = encoders(x, subject)
-        if out is None:
-            out = h.new_zeros(len(subjects), h.shape[1])
-        out[rows] = h
-    return out
 
 
 class SemanticDecoder(nn.Module):
@@ -353,30 +275,41 @@ def momentum_align(
 
 
 @dataclass
-class NeuralDiffuserConfig:
-    """Sizes of every decoder; defaults are the paper's (§4.2, §4.3, §5.1) for NSD with SD 1.4 + ViT-B/32."""
+class DecoderSizes:
+    """Sizes of every decoder (the method config's ``model`` section); defaults are the paper's (§4.2, §4.3).
 
-    voxel_counts: dict[int, int] = field(default_factory=lambda: dict(NSDGENERAL_VOXELS))
-    hidden_dim: int = 4096
-    text_shape: tuple[int, int] = (77, 768)
-    guidance_layers: tuple[int, ...] = PAPER_GUIDANCE_LAYERS
-    guidance_shape: tuple[int, int] = (50, 768)
-    latent_shape: tuple[int, int, int] = (4, 64, 64)
-    mixer_blocks: int = 4
+    Shapes that come from the backbones (text condition, CLIP layer tokens, VAE latent) are not here: they
+    are read from the loaded backbones (:class:`NeuralDiffuserConfig`).
+    """
+
+    hidden_dim: int = 4096  # §4.2.1 subject-shared space
+    mixer_blocks: int = 4  # §4.2.2 4-layer MLP-Mixer
     projector_dim: int = 2048
     prior_depth: int = 6
     prior_heads: int = 14
     prior_dim_head: int = 52
     prior_timesteps: int = 100
     prior_sample_steps: int = 20
-    prior_weight: float = 30.0
+    prior_weight: float = 30.0  # α, Eq. 3
     temperature: float = 0.006
-    resmlp_blocks: int = 4
+    resmlp_blocks: int = 4  # low-level pipeline, 4 residual blocks → 64×16×16
     grid_channels: int = 64
     grid_size: int = 16
     upsampler_channels: tuple[int, ...] = (64, 128, 256)
     latent_projector_channels: int = 512
-    latent_contrastive_weight: float = 0.1
+    latent_contrastive_weight: float = 0.1  # β, Eq. 4 (code)
+
+
+@dataclass
+class NeuralDiffuserConfig(DecoderSizes):
+    """A built model's config: :class:`DecoderSizes` plus the subjects' voxel counts and the backbone shapes
+    (defaults: NSD nsdgeneral with SD 1.4 + ViT-B/32)."""
+
+    voxel_counts: dict[int, int] = field(default_factory=lambda: dict(NSDGENERAL_VOXELS))
+    text_shape: tuple[int, int] = (77, 768)
+    guidance_layers: tuple[int, ...] = PAPER_GUIDANCE_LAYERS
+    guidance_shape: tuple[int, int] = (50, 768)
+    latent_shape: tuple[int, int, int] = (4, 64, 64)
 
     def __post_init__(self):
         self.voxel_counts = {int(k): int(v) for k, v in self.voxel_counts.items()}
@@ -400,39 +333,13 @@ def guidance_key(layer: int) -> str:
     return f"layer{int(layer)}"
 
 
-class NeuralDiffuserModel(nn.Module):
-    """All NeuralDiffuser decoders plus the training-latent statistics used by Eq. 6–7.
-
-    ``semantic`` = ``f_c``; ``guidance[f"layer{l}"]`` = ``f_g^l``; ``latent`` = ``f_z``.
-    """
-
-    def __init__(self, config: NeuralDiffuserConfig | None = None):
-        super().__init__()
-        self.config = config = config or NeuralDiffuserConfig()
-
-        def semantic(tokens: int, dim: int) -> SemanticDecoder:
-            return SemanticDecoder(
-                config.voxel_counts,
-                hidden_dim=config.hidden_dim,
-                out_tokens=tokens,
-                out_dim=dim,
-                n_blocks=config.mixer_blocks,
-                projector_dim=config.projector_dim,
-                prior_depth=config.prior_depth,
-                prior_heads=config.prior_heads,
-                prior_dim_head=config.prior_dim_head,
-                prior_timesteps=config.prior_timesteps,
-                prior_sample_steps=config.prior_sample_steps,
-                prior_weight=config.prior_weight,
-                temperature=config.temperature,
-            )
-
-        self.semantic = semantic(*config.text_shape)
-        self.guidance = nn.ModuleDict(
-            {guidance_key(l): semantic(*config.guidance_shape) for l in config.guidance_layers}
-        )
-        self.latent = LatentDecoder(
-            config.voxel_counts,
+def build_decoder(config: NeuralDiffuserConfig, name: str, voxel_counts: dict[int, int] | None = None):
+    """One decoder of ``config``: ``"semantic"`` (``f_c``), ``"guidance.layer<l>"`` (``f_g^l``) or
+    ``"latent"`` (``f_z``), with voxel encoders for ``voxel_counts`` (default: the config's subjects)."""
+    voxel_counts = dict(config.voxel_counts if voxel_counts is None else voxel_counts)
+    if name == "latent":
+        return LatentDecoder(
+            voxel_counts,
             hidden_dim=config.hidden_dim,
             n_blocks=config.resmlp_blocks,
             latent_shape=config.latent_shape,
@@ -442,14 +349,56 @@ class NeuralDiffuserModel(nn.Module):
             projector_channels=config.latent_projector_channels,
             contrastive_weight=config.latent_contrastive_weight,
         )
+    if name != "semantic" and not name.startswith("guidance."):
+        raise ConfigError(f"unknown NeuralDiffuser decoder {name!r}")
+    tokens, dim = config.text_shape if name == "semantic" else config.guidance_shape
+    return SemanticDecoder(
+        voxel_counts,
+        hidden_dim=config.hidden_dim,
+        out_tokens=tokens,
+        out_dim=dim,
+        n_blocks=config.mixer_blocks,
+        projector_dim=config.projector_dim,
+        prior_depth=config.prior_depth,
+        prior_heads=config.prior_heads,
+        prior_dim_head=config.prior_dim_head,
+        prior_timesteps=config.prior_timesteps,
+        prior_sample_steps=config.prior_sample_steps,
+        prior_weight=config.prior_weight,
+        temperature=config.temperature,
+    )
+
+
+def decoder_names(guidance_layers) -> list[str]:
+    """Decoder names in training order: ``semantic``, ``guidance.layer<l>`` ..., ``latent``."""
+    return ["semantic", *(f"guidance.{guidance_key(l)}" for l in guidance_layers), "latent"]
+
+
+class NeuralDiffuserModel(nn.Module):
+    """All NeuralDiffuser decoders plus the training-latent statistics used by Eq. 6–7.
+
+    ``semantic`` = ``f_c``; ``guidance[f"layer{l}"]`` = ``f_g^l``; ``latent`` = ``f_z``.
+    """
+
+    def __init__(self, config: NeuralDiffuserConfig | None = None):
+        super().__init__()
+        self.config = config = config or NeuralDiffuserConfig()
+        self.semantic = build_decoder(config, "semantic")
+        self.guidance = nn.ModuleDict(
+            {
+                guidance_key(l): build_decoder(config, f"guidance.{guidance_key(l)}")
+                for l in config.guidance_layers
+            }
+        )
+        self.latent = build_decoder(config, "latent")
         self.register_buffer("latent_mean", torch.zeros(config.latent_shape))
         self.register_buffer("latent_std", torch.ones(config.latent_shape))
 
-    def decoders(self) -> dict[str, nn.Module]:
-        """Named decoders, each trained separately (the paper trains eight models: c, six g_l, z)."""
-        out: dict[str, nn.Module] = {"semantic": self.semantic, "latent": self.latent}
-        out.update({f"guidance.{k}": m for k, m in self.guidance.items()})
-        return out
+    def decoder(self, name: str) -> nn.Module:
+        """The decoder called ``name`` (see :func:`decoder_names`)."""
+        if name.startswith("guidance."):
+            return self.guidance[name.split(".", 1)[1]]
+        return getattr(self, name)
 
     @torch.no_grad()
     def set_latent_statistics(self, train_latents: torch.Tensor) -> None:

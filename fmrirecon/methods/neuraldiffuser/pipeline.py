@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fmrirecon.backbones.normalization import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+
 PAPER_LAYER_FACTORS = (1.5, 1.2, 1.0, 1.0, 1.0, 1.0)
 
 
@@ -81,7 +82,7 @@ class FeatureGuidance:
         decode: VAE decoder ``D``: latents ``(B, C, h, w)`` → images ``(B, 3, H, W)`` in ``[0, 1]``,
             differentiable.
         features: guidance feature extractor ``f``: images → list of ``(B, T, W)`` (same layer order).
-        guidance_scale: κ (paper: 300 000).
+        feature_guidance_scale: κ (paper: 300 000).
         guided_steps: how many of the steps that run are guided (``⌊η · steps run⌋``; η = 0.2 of 37 → 7).
         tweedie: ``"paper"`` (Eq. 11) or ``"code"`` (``1 − ᾱ_t`` in place of its square root).
         factors: per-layer weight factors (code: 1.5, 1.2, 1, 1, 1, 1).
@@ -95,7 +96,7 @@ class FeatureGuidance:
     targets: list[torch.Tensor]
     decode: Callable[[torch.Tensor], torch.Tensor]
     features: Callable[[torch.Tensor], list[torch.Tensor]]
-    guidance_scale: float = 300_000.0
+    feature_guidance_scale: float = 300_000.0
     guided_steps: int = 7
     tweedie: Literal["paper", "code"] = "paper"
     factors: Sequence[float] = PAPER_LAYER_FACTORS
@@ -119,7 +120,7 @@ class FeatureGuidance:
 
     def needs_graph(self, step_index: int) -> bool:
         """The sampler keeps the conditional branch's graph on the guided steps (no second UNet pass)."""
-        return step_index < self.guided_steps and self.guidance_scale != 0
+        return step_index < self.guided_steps and self.feature_guidance_scale != 0
 
     def __call__(self, state) -> torch.Tensor | None:
         if not self.needs_graph(state.step_index):
@@ -143,7 +144,7 @@ class FeatureGuidance:
         per_sample = self.feature_loss(feats)
         self.history.append(float(per_sample.mean().detach()))
         # Summing over the batch keeps each sample's gradient independent of the batch size.
-        (grad,) = torch.autograd.grad(self.guidance_scale * per_sample.sum(), z_t)
+        (grad,) = torch.autograd.grad(self.feature_guidance_scale * per_sample.sum(), z_t)
         # Algorithm 1 line 8, ε̂ = ε + σ·∇; for a v-predicting UNet the same shift of ε is v + σ·∇/√ᾱ
         return state.noise_pred + sigma * grad / (alpha_bar.sqrt() if v_prediction else 1)
 
@@ -155,24 +156,27 @@ class ReconstructionSettings:
     Attributes:
         num_steps: DDIM steps over the full schedule (50). strength: img2img strength (0.75 → 37 steps run).
         cfg_scale: classifier-free guidance weight (7.5).
-        guidance_scale: κ (300 000; 0 disables feature guidance). guidance_strength: η (0.2).
+        feature_guidance_scale: κ (300 000; 0 disables feature guidance). guidance_strength: η (0.2).
         sag_scale: self-attention guidance on every step, both variants (released code: 0.75; 0 = off).
         tweedie, clip_normalization: the paper's formula and CLIP normalisation, or the released code's.
         layer_factors: per-layer weight factors of the guidance loss.
         guidance_precision: ``"bfloat16"`` runs the guidance branch's VAE decode under autocast
             (:class:`FeatureGuidance`); ``"float32"`` (default) everywhere.
+        use_prior: decode the text / guidance embeddings through the diffusion prior (§4.2.2); False uses the
+            MLP-Mixer backbone's tokens directly.
     """
 
     num_steps: int = 50
     strength: float = 0.75
     cfg_scale: float = 7.5
-    guidance_scale: float = 300_000.0
+    feature_guidance_scale: float = 300_000.0
     guidance_strength: float = 0.2
     sag_scale: float = 0.75
     tweedie: Literal["paper", "code"] = "paper"
     clip_normalization: Literal["clip", "imagenet"] = "clip"
     layer_factors: tuple[float, ...] = PAPER_LAYER_FACTORS
     guidance_precision: Literal["float32", "bfloat16"] = "float32"
+    use_prior: bool = True
 
     @property
     def steps_run(self) -> int:
@@ -238,7 +242,9 @@ def reconstruct_images(
     n = text_condition.shape[0]
     if init_latents.shape[0] != n:
         raise ValueError(f"text_condition has {n} items but init_latents has {init_latents.shape[0]}")
-    guided = guidance_targets is not None and settings.guidance_scale != 0 and settings.guided_steps > 0
+    guided = (
+        guidance_targets is not None and settings.feature_guidance_scale != 0 and settings.guided_steps > 0
+    )
     if guided and (clip is None or len(guidance_targets) != len(layers)):
         raise ValueError("guided reconstruction needs `clip` and one guidance target per layer in `layers`")
     uncond = ld.empty_text_embedding()
@@ -253,7 +259,7 @@ def reconstruct_images(
                 targets,
                 ld.decode_latents,
                 guidance_features(clip, layers, site, settings.clip_normalization),
-                settings.guidance_scale,
+                settings.feature_guidance_scale,
                 settings.guided_steps,
                 settings.tweedie,
                 settings.layer_factors,

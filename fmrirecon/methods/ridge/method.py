@@ -21,23 +21,49 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from fmrirecon.device import Precision
 from fmrirecon.errors import DatasetLayoutError
 from fmrirecon.io import read_json, save_safetensors_atomic, write_json_atomic
-from fmrirecon.methods.base import ReconMethod
+from fmrirecon.methods.base import Capabilities, ReconMethod, RunData
 from fmrirecon.methods.ridge.model import RidgeFit, fit_ridge_cv, restandardize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RidgeConfig", "RidgeMethod"]
+__all__ = ["RidgeConfig", "RidgeMethod", "RidgeReconstruction"]
 
 WEIGHTS_FILE = "ridge.safetensors"
 INFO_FILE = "ridge.json"
+
+
+@dataclass
+class RidgeReconstruction:
+    """Reconstruction settings (``fmrirecon reconstruct --set key=value``); Brain-Diffuser / SD defaults.
+
+    Attributes:
+        strength: img2img strength — fraction of the DDIM schedule run from ``ẑ`` (Brain-Diffuser 0.75).
+        num_steps: DDIM steps over the full schedule.
+        cfg_scale: classifier-free guidance scale (Brain-Diffuser / SD default 7.5).
+        batch_size: images per backbone call.
+        precision: the backbone's dtype while sampling (``bfloat16``; ``float16`` on a GPU only).
+    """
+
+    strength: float = 0.75
+    num_steps: int = 50
+    cfg_scale: float = 7.5
+    batch_size: int = 16
+    precision: Precision = "float32"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength must lie in [0, 1], got {self.strength}")
+        if self.num_steps < 1 or self.batch_size < 1:
+            raise ValueError("num_steps and batch_size must be >= 1")
 
 
 @dataclass
@@ -56,11 +82,8 @@ class RidgeConfig:
         n_targets_batch: solve this many targets at a time (memory bound for 16,384-dim SD latents).
         text_condition: regress the caption-averaged text tokens; False conditions on the empty text.
         backbone: ``"world"`` (shipped world LDM), a hub id in the local cache, or a diffusers folder.
-        strength: img2img strength — fraction of the DDIM schedule run from ``ẑ`` (Brain-Diffuser 0.75).
-        num_steps: DDIM steps over the full schedule.
-        guidance_scale: classifier-free guidance scale (Brain-Diffuser / SD default 7.5).
-        batch_size: images per backbone call.
-        device: torch device for the backbone (None = cuda if available, else cpu).
+        target_batch_size: images per backbone call while computing the training targets.
+        reconstruction: :class:`RidgeReconstruction`.
     """
 
     alphas: tuple[float, ...] = (1e1, 1e2, 1e3, 3e3, 1e4, 3e4, 1e5, 1e6)
@@ -70,36 +93,16 @@ class RidgeConfig:
     n_targets_batch: int | None = None
     text_condition: bool = True
     backbone: str = "world"
-    strength: float = 0.75
-    num_steps: int = 50
-    guidance_scale: float = 7.5
-    batch_size: int = 16
-    device: str | None = None
+    target_batch_size: int = 16
+    reconstruction: RidgeReconstruction = field(default_factory=RidgeReconstruction)
 
     def __post_init__(self) -> None:
         if not self.alphas or any(a <= 0 for a in self.alphas):
             raise ValueError(f"alphas must be a non-empty list of positive numbers, got {self.alphas}")
         if self.cv_folds < 2:
             raise ValueError(f"cv_folds must be >= 2, got {self.cv_folds}")
-        if not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"strength must lie in [0, 1], got {self.strength}")
-        if self.num_steps < 1 or self.batch_size < 1:
-            raise ValueError("num_steps and batch_size must be >= 1")
-
-
-def load_backbone(config: RidgeConfig):
-    """The latent diffusion backbone named by ``config.backbone`` (no download is ever attempted)."""
-    import torch
-
-    from fmrirecon.backbones.diffusion import LatentDiffusion
-
-    ld = (
-        LatentDiffusion.world()
-        if config.backbone == "world"
-        else LatentDiffusion.from_pretrained(config.backbone)
-    )
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return ld.to(device)
+        if self.target_batch_size < 1:
+            raise ValueError("target_batch_size must be >= 1")
 
 
 class RidgeMethod(ReconMethod):
@@ -112,10 +115,12 @@ class RidgeMethod(ReconMethod):
 
     name = "ridge"
     Config = RidgeConfig
+    Settings = RidgeReconstruction
+    capabilities = Capabilities(variants=("img2img", "latent"), analyses=("encoding_map",))
 
     def __init__(self, config: RidgeConfig | None = None, *, backbone=None):
         super().__init__(config)
-        self._backbone = backbone
+        self._injected = backbone
         self.latent: RidgeFit | None = None
         self.text: RidgeFit | None = None
         self.latent_shape: tuple[int, ...] | None = None
@@ -123,12 +128,17 @@ class RidgeMethod(ReconMethod):
 
     @property
     def backbone(self):
-        if self._backbone is None:
-            self._backbone = load_backbone(self.config)
-        return self._backbone
+        """The float32 backbone on this method's device (the one given to the constructor, if any)."""
+        return self.backbone_in("float32")
 
-    def variants(self) -> list[str]:
-        return ["img2img", "latent"]
+    def backbone_in(self, precision: str):
+        """The backbone on ``self.device`` in ``precision`` (shared loader: never moves a cached object)."""
+        from fmrirecon.backbones.loader import load_latent_diffusion
+        from fmrirecon.device import resolve_dtype
+
+        if self._injected is not None:
+            return self._injected
+        return load_latent_diffusion(self.config.backbone, self.device, resolve_dtype(precision, self.device))
 
     # ------------------------------------------------------------------ targets
     def _to_model_images(self, images_uint8: np.ndarray):
@@ -152,9 +162,9 @@ class RidgeMethod(ReconMethod):
         ld, out = self.backbone, []
         with torch.no_grad():
             for start in tqdm(
-                range(0, len(images_uint8), self.config.batch_size), desc="VAE latents", leave=False
+                range(0, len(images_uint8), self.config.target_batch_size), desc="VAE latents", leave=False
             ):
-                batch = self._to_model_images(images_uint8[start : start + self.config.batch_size])
+                batch = self._to_model_images(images_uint8[start : start + self.config.target_batch_size])
                 out.append(ld.encode_images(batch).float().flatten(1).cpu().numpy())
         return np.concatenate(out)
 
@@ -164,7 +174,7 @@ class RidgeMethod(ReconMethod):
         from tqdm.auto import tqdm
 
         ld, out = self.backbone, []
-        step = max(1, self.config.batch_size // 5)
+        step = max(1, self.config.target_batch_size // 5)
         with torch.no_grad():
             for start in tqdm(range(0, len(captions), step), desc="text tokens", leave=False):
                 chunk = captions[start : start + step]
@@ -176,11 +186,10 @@ class RidgeMethod(ReconMethod):
         return np.stack(out)
 
     # ---------------------------------------------------------------------- fit
-    def fit(self, store, subject: int, run_dir: str | os.PathLike, *, seed: int = 0) -> None:
+    def fit(self, data: RunData, run_dir: str | os.PathLike, *, seed: int = 0) -> None:
         """Fit both ridges on the subject's repeat-averaged training betas and save them under ``run_dir``."""
-        from fmrirecon.data.store import PreparedStore
-
-        store = store if isinstance(store, PreparedStore) else PreparedStore(store)
+        self.check_run_data(data)
+        store, subject = data.store, data.subject
         subject_store = store.subject(subject)
         ids, betas = subject_store.averaged("train")
         logger.info("ridge: subject %d, %d training images x %d voxels", subject, len(ids), betas.shape[1])
@@ -232,11 +241,13 @@ class RidgeMethod(ReconMethod):
         write_json_atomic(run_dir / INFO_FILE, json.loads(json.dumps(summary)))
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike, *, backbone=None) -> RidgeMethod:
+    def load(cls, run_dir: str | os.PathLike, *, device=None, backbone=None) -> RidgeMethod:
         from safetensors.numpy import load_file
 
         run_dir = Path(run_dir)
         method = cls(cls.read_run_config(run_dir), backbone=backbone)
+        if device is not None:
+            method.to(device)
         weights, info_file = run_dir / WEIGHTS_FILE, run_dir / INFO_FILE
         if not weights.is_file() or not info_file.is_file():
             raise DatasetLayoutError(
@@ -263,7 +274,13 @@ class RidgeMethod(ReconMethod):
         return z, c
 
     def reconstruct(
-        self, betas: np.ndarray, samples: int = 1, seed: int = 0, *, variant: str | None = None
+        self,
+        betas: np.ndarray,
+        samples: int = 1,
+        seed: int = 0,
+        *,
+        variant: str | None = None,
+        settings: RidgeReconstruction | None = None,
     ) -> np.ndarray:
         """betas float32 (N, V) → uint8 (N, K, S, S, 3), S = the backbone's image size."""
         import torch
@@ -272,10 +289,11 @@ class RidgeMethod(ReconMethod):
         from fmrirecon.backbones.sampling import ddim_sample
 
         variant = self.resolve_variant(variant)
+        cfg = self.resolve_settings(settings)
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         z, c = self.predict(betas)
-        ld, cfg = self.backbone, self.config
+        ld = self.backbone_in(cfg.precision)
         dev, dtype = ld.device, ld.dtype
         uncond = ld.empty_text_embedding()
         n, bs = len(z), cfg.batch_size
@@ -301,7 +319,7 @@ class RidgeMethod(ReconMethod):
                             ld,
                             ctx,
                             uncond=uncond,
-                            cfg_scale=cfg.guidance_scale,
+                            cfg_scale=cfg.cfg_scale,
                             num_steps=cfg.num_steps,
                             init_latents=z_b,
                             strength=cfg.strength,
