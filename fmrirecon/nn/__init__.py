@@ -1,9 +1,11 @@
-"""Small blocks shared by the methods: MLP-Mixer, residual MLP, diffusion prior, contrastive losses."""
+"""Small blocks shared by the methods: subject voxel encoders, MLP-Mixer, residual MLP, diffusion prior,
+contrastive losses."""
 
 from fmrirecon.nn.diffusion_prior import DiffusionPrior, PriorNetwork
 from fmrirecon.nn.losses import clip_loss, mixco, mixco_nce, soft_clip_loss, soft_contrastive_loss
 from fmrirecon.nn.mlp_mixer import MLPMixerBackbone, TokenProjector
 from fmrirecon.nn.resmlp import LatentUpsampler, MapProjector, ResidualMLP
+from fmrirecon.nn.voxel_encoders import SubjectVoxelEncoders, encode_mixed_batch, subject_key
 
 __all__ = [
     "DiffusionPrior",
@@ -12,10 +14,13 @@ __all__ = [
     "MapProjector",
     "PriorNetwork",
     "ResidualMLP",
+    "SubjectVoxelEncoders",
     "TokenProjector",
     "clip_loss",
+    "encode_mixed_batch",
     "mixco",
     "mixco_nce",
     "soft_clip_loss",
     "soft_contrastive_loss",
+    "subject_key",
 ]

@@ -29,13 +29,13 @@ from fmrirecon.data.nsd_facts import NSDGENERAL_VOXELS
 from fmrirecon.errors import ConfigError
 from fmrirecon.io import save_safetensors_atomic, write_json_atomic
 from fmrirecon.nn import (
-    SubjectVoxelEncoders,
     DiffusionPrior,
     LatentUpsampler,
     MapProjector,
     MLPMixerBackbone,
     PriorNetwork,
     ResidualMLP,
+    SubjectVoxelEncoders,
     TokenProjector,
     encode_mixed_batch,
     mixco,
