@@ -149,7 +149,7 @@ def test_paper_parameter_counts_on_meta_device():
 
 
 def test_training_step_switches_bimixco_to_softclip_after_a_third():
-    from fmrirecon.methods.neuraldiffuser.train import DecoderTrainingStep
+    from fmrirecon.train.stages import DecoderTrainingStep
 
     calls = []
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from fmrirecon.errors import SubjectMismatchError
 
-__all__ = ["SubjectVoxelEncoders", "encode_mixed_batch", "subject_key"]
+__all__ = ["SubjectVoxelEncoders", "encode_mixed_batch", "shared_weights", "subject_key"]
 
 
 def subject_key(subject: int) -> str:
@@ -95,3 +95,9 @@ def encode_mixed_batch(encoders: SubjectVoxelEncoders, betas: list[torch.Tensor]
             out = h.new_zeros(len(subjects), h.shape[1])
         out[rows] = h
     return out
+
+
+def shared_weights(decoder: nn.Module) -> dict[str, torch.Tensor]:
+    """``decoder``'s state dict without its ``voxel_encoders.*`` entries: the subject-shared weights a later
+    run starts from (a subject it has not seen gets a new encoder)."""
+    return {k: v for k, v in decoder.state_dict().items() if not k.startswith("voxel_encoders.")}

@@ -40,6 +40,7 @@ from fmrirecon.methods.neuraldiffuser.pipeline import (
     reconstruct_images,
     selection_losses,
 )
+from fmrirecon.nn import shared_weights
 from fmrirecon.train import TrainConfig
 
 __all__ = ["NeuralDiffuser", "NeuralDiffuserMethodConfig", "NeuralDiffuserTraining"]
@@ -160,9 +161,10 @@ class NeuralDiffuser(ReconMethod):
         from fmrirecon.methods.neuraldiffuser.train import (
             DecoderDataset,
             cached_targets,
-            run_stage,
+            collate,
             training_rows,
         )
+        from fmrirecon.train.stages import run_stage
 
         self.check_run_data(data)
         cfg, train = self.config, self.config.training
@@ -225,11 +227,12 @@ class NeuralDiffuser(ReconMethod):
                 train.batch_size,
                 seed,
                 run_config,
+                collate_fn=collate,
             )
             if model is not None:
                 model.decoder(name).load_state_dict(decoder.state_dict())
             else:
-                shared_states.update({f"{name}/{k}": v for k, v in _shared_state(decoder).items()})
+                shared_states.update({f"{name}/{k}": v for k, v in shared_weights(decoder).items()})
         if model is None:  # a pretraining run keeps the subject-shared weights only (voxel encoders differ)
             save_safetensors_atomic(
                 {k: v.detach().contiguous() for k, v in shared_states.items()}, run_dir / PRETRAINED_FILE
@@ -439,8 +442,3 @@ class NeuralDiffuser(ReconMethod):
 
     def image_embeddings(self, images: np.ndarray) -> np.ndarray:
         return self._joint(self.image_layer_embeddings(images))
-
-
-def _shared_state(decoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The decoder's weights without voxel encoders (what a target run inherits from pretraining)."""
-    return {k: v for k, v in decoder.state_dict().items() if not k.startswith("voxel_encoders.")}

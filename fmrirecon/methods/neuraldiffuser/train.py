@@ -5,14 +5,11 @@ native size), the text condition ``c`` = text-encoder tokens averaged over the i
 guidance features ``g^l`` = CLIP image-encoder layer outputs. They are computed once per run and cached in
 ``RUN/targets.safetensors``, keyed by a fingerprint of the backbones and settings they came from.
 
-Each decoder (``semantic``, ``guidance.layer<l>``, ``latent``) trains in two stages, each a :class:`Trainer`
-stage that resumes on its own:
-
-1. ``pretrain-<decoder>``: leave-the-target-out pretraining on all other subjects (each with its own voxel
-   encoder) — skipped when the store has no other subject or ``pretrain`` is off;
-2. ``finetune-<decoder>``: the target subject's voxel encoder plus the shared mapping, initialised from
-   stage 1.
-   The target's training trials can be limited to its first ``target_sessions`` sessions.
+Each decoder (``semantic``, ``guidance.layer<l>``, ``latent``) trains as a resumable stage of the shared
+stage runner (:func:`fmrirecon.train.stages.run_stage`): ``pretrain-<decoder>`` in a pretraining run (other
+subjects, each with its own voxel encoder), ``finetune-<decoder>`` in a target run (the target's voxel encoder
+plus the shared mapping, from the pretraining run). :func:`collate` builds the mixed-subject batches.
+The target's training trials can be limited to its first ``target_sessions`` sessions.
 """
 
 from __future__ import annotations
@@ -24,8 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from fmrirecon.errors import ConfigError
 from fmrirecon.io import save_safetensors_atomic
@@ -162,53 +158,3 @@ def collate(items: list[dict]) -> dict:
         "subject": torch.tensor([it["subject"] for it in items]),
         "target": torch.stack([it["target"] for it in items]),
     }
-
-
-class DecoderTrainingStep(nn.Module):
-    """Wraps a decoder for the :class:`~fmrirecon.train.Trainer`.
-
-    Keeps the micro-batch counter as a buffer (so it is checkpointed and resumes exactly) and passes the
-    training progress to the decoder's loss, which switches BiMixCo → SoftCLIP after the first third (§4.2.2).
-    """
-
-    def __init__(self, decoder: nn.Module, total_batches: int):
-        super().__init__()
-        self.decoder = decoder
-        self.total_batches = max(1, int(total_batches))
-        self.register_buffer("seen_batches", torch.zeros((), dtype=torch.long))
-
-    def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        progress = float(self.seen_batches) / self.total_batches
-        out = self.decoder.loss(batch["betas"], batch["subject"], batch["target"], progress=progress)
-        self.seen_batches += 1
-        return out
-
-
-def shared_state(decoder: nn.Module) -> dict[str, torch.Tensor]:
-    """The decoder's weights without voxel encoders (what fine-tuning inherits from pretraining)."""
-    return {k: v for k, v in decoder.state_dict().items() if not k.startswith("voxel_encoders.")}
-
-
-def run_stage(
-    decoder: nn.Module,
-    dataset: Dataset,
-    train_config,
-    run_dir: Path,
-    stage: str,
-    batch_size: int,
-    seed: int,
-    run_config=None,
-):
-    """One named, resumable :class:`Trainer` stage; returns the trainer's :class:`TrainResult`."""
-    from fmrirecon.train import Trainer
-
-    loader = DataLoader(
-        dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True, collate_fn=collate
-    )
-    total = (
-        train_config.max_steps * train_config.grad_accum
-        if train_config.max_steps
-        else (len(loader) * train_config.epochs)
-    )
-    step = DecoderTrainingStep(decoder, total)
-    return Trainer(train_config, run_dir, seed=seed, run_config=run_config).fit(step, loader, stage=stage)
