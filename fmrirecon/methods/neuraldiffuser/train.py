@@ -1,9 +1,10 @@
 """NeuralDiffuser training (§4.2.3): targets, datasets, and the named, resumable stages of every decoder.
 
-Targets per image (reference/method-notes.md): the VAE latent ``z`` (the image resized to the backbone's
-native size), the text condition ``c`` = text-encoder tokens averaged over the image's 5 captions, and the
-guidance features ``g^l`` = CLIP image-encoder layer outputs. They are computed once per run and cached in
-``RUN/targets.safetensors``, keyed by a fingerprint of the backbones and settings they came from.
+Targets per image (reference/method-notes.md; computed by the shared :mod:`fmrirecon.methods.targets`): the
+VAE latent ``z`` (a sample of the posterior, as the code does), the text condition ``c`` = text-encoder tokens
+averaged over the image's 5 captions, and the guidance features ``g^l`` = CLIP image-encoder layer outputs.
+They are computed once per run and cached in ``RUN/targets.safetensors``, keyed by a fingerprint of the
+backbones and settings they came from.
 
 Each decoder (``semantic``, ``guidance.layer<l>``, ``latent``) trains as a resumable stage of the shared
 stage runner (:func:`fmrirecon.train.stages.run_stage`): ``pretrain-<decoder>`` in a pretraining run (other
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
@@ -48,23 +48,18 @@ def compute_targets(
     """
     from tqdm.auto import tqdm
 
+    from fmrirecon.methods.targets import caption_tokens, clip_layer_features, images_to_float, vae_latents
+
     ids = np.asarray(ids_73k, dtype=np.int64)
     out: dict[str, list[torch.Tensor]] = {"text": [], "latent": []} | {f"layer{l}": [] for l in layers}
     generator = torch.Generator(device=ld.device).manual_seed(seed)
-    size = ld.image_size
     for start in tqdm(range(0, len(ids), batch_size), desc="NeuralDiffuser targets", disable=not progress):
         chunk = ids[start : start + batch_size]
-        images = torch.from_numpy(store.images(chunk)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
-        captions = store.captions(chunk)
-        flat = [c if c else "" for caps in captions for c in caps]
-        text = ld.encode_text(flat).float().cpu()  # (B*5, L, D)
-        out["text"].append(text.view(len(chunk), -1, *text.shape[1:]).mean(1))  # average over the 5 captions
-        native = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-        out["latent"].append(
-            ld.encode_images(native, sample=sample_latents, generator=generator).float().cpu()
-        )
-        for layer, feats in zip(layers, clip.image_hidden_states(images, list(layers), site=site)):
-            out[f"layer{layer}"].append(feats.float().cpu())
+        images = images_to_float(store.images(chunk))  # (B, 3, H, W)
+        out["text"].append(caption_tokens(ld, store.captions(chunk)))
+        out["latent"].append(vae_latents(ld, images, sample=sample_latents, generator=generator))
+        for layer, feats in clip_layer_features(clip, images, layers, site).items():
+            out[f"layer{layer}"].append(feats)
     result = {k: torch.cat(v) for k, v in out.items()}
     result["ids"] = torch.from_numpy(ids)
     return result

@@ -141,49 +141,30 @@ class RidgeMethod(ReconMethod):
         return load_latent_diffusion(self.config.backbone, self.device, resolve_dtype(precision, self.device))
 
     # ------------------------------------------------------------------ targets
-    def _to_model_images(self, images_uint8: np.ndarray):
-        """uint8 (B, H, W, 3) → float (B, 3, S, S) in [0, 1] at the backbone's native size S."""
-        import torch
-        import torch.nn.functional as F
-
-        x = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float() / 255.0
-        size = self.backbone.image_size
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(
-                x, size=(size, size), mode="bicubic", antialias=True, align_corners=False
-            ).clamp(0, 1)
-        return x
-
     def image_targets(self, images_uint8: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) → float32 (N, C*h*w) VAE latents (posterior mean, scaled)."""
-        import torch
         from tqdm.auto import tqdm
 
-        ld, out = self.backbone, []
-        with torch.no_grad():
-            for start in tqdm(
-                range(0, len(images_uint8), self.config.target_batch_size), desc="VAE latents", leave=False
-            ):
-                batch = self._to_model_images(images_uint8[start : start + self.config.target_batch_size])
-                out.append(ld.encode_images(batch).float().flatten(1).cpu().numpy())
+        from fmrirecon.methods.targets import images_to_float, vae_latents
+
+        ld, bs, out = self.backbone, self.config.target_batch_size, []
+        for start in tqdm(range(0, len(images_uint8), bs), desc="VAE latents", leave=False):
+            batch = images_to_float(images_uint8[start : start + bs])
+            out.append(vae_latents(ld, batch).flatten(1).numpy())
         return np.concatenate(out)
 
     def text_targets(self, captions: list[list[str]]) -> np.ndarray:
-        """N lists of 5 captions → float32 (N, L*D) text-encoder tokens averaged over the captions."""
-        import torch
+        """N lists of captions → float32 (N, L*D) text-encoder tokens averaged over each image's captions."""
         from tqdm.auto import tqdm
 
-        ld, out = self.backbone, []
-        step = max(1, self.config.target_batch_size // 5)
-        with torch.no_grad():
-            for start in tqdm(range(0, len(captions), step), desc="text tokens", leave=False):
-                chunk = captions[start : start + step]
-                flat = [c for caps in chunk for c in caps]
-                tokens = ld.encode_text(flat).float()  # (sum of caption counts, L, D)
-                counts = [len(caps) for caps in chunk]
-                for piece in torch.split(tokens, counts):
-                    out.append(piece.mean(0).flatten().cpu().numpy())
-        return np.stack(out)
+        from fmrirecon.methods.targets import caption_tokens
+
+        step = max(1, self.config.target_batch_size // 5)  # about target_batch_size captions per call
+        out = [
+            caption_tokens(self.backbone, captions[start : start + step]).flatten(1).numpy()
+            for start in tqdm(range(0, len(captions), step), desc="text tokens", leave=False)
+        ]
+        return np.concatenate(out)
 
     # ---------------------------------------------------------------------- fit
     def fit(self, data: RunData, run_dir: str | os.PathLike, *, seed: int = 0) -> None:
