@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fmrirecon.backbones.hub import resolve_local_folder, tokenize_texts
+from fmrirecon.backbones.hub import check_images, resolve_local_folder, tokenize_texts
 from fmrirecon.backbones.normalization import CLIP_MEAN, CLIP_STD
 from fmrirecon.errors import WeightsUnavailableError
 
@@ -118,13 +118,7 @@ class ClipEmbedder(torch.nn.Module):
     # ------------------------------------------------------------------ images
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] -> normalised ``(B, 3, S, S)``, S = ``image_size``; differentiable."""
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be float (B, 3, H, W) in [0, 1], got {shape}")
-        if not images.is_floating_point():
-            raise ValueError(
-                f"images must be float in [0, 1], got dtype {images.dtype} (convert uint8 with /255)"
-            )
+        check_images(images)
         images = images.to(self.device)
         size = self.image_size
         h, w = images.shape[-2:]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fmrirecon.backbones.hub import resolve_local_folder, tokenize_texts
+from fmrirecon.backbones.hub import check_images, resolve_local_folder, tokenize_texts
 from fmrirecon.errors import WeightsUnavailableError
 
 # diffusers' Stable Diffusion folder layout: component -> the file that must be there
@@ -151,7 +151,7 @@ class LatentDiffusion(torch.nn.Module):
         Returns:
             latents ``(B, C, H/f, W/f)`` times ``vae.config.scaling_factor`` (minus ``shift_factor`` if set).
         """
-        _check_images(images, self.vae_scale_factor)
+        check_images(images, self.vae_scale_factor)
         images = images.to(device=self.device, dtype=self.vae.dtype)
         posterior = self.vae.encode(images * 2 - 1).latent_dist
         latents = posterior.sample(generator=generator) if sample else posterior.mean
@@ -187,20 +187,6 @@ class LatentDiffusion(torch.nn.Module):
             cached = self.encode_text([""])
             self.__dict__["_empty_text"] = cached
         return cached
-
-
-def _check_images(images: torch.Tensor, multiple: int) -> None:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be float (B, 3, H, W) in [0, 1], got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(
-            f"images must be float in [0, 1], got dtype {images.dtype} (convert uint8 with /255)"
-        )
-    if images.shape[2] % multiple or images.shape[3] % multiple:
-        raise ValueError(
-            f"image height and width must be multiples of {multiple}, got {tuple(images.shape[2:])}"
-        )
 
 
 def load_world_latent_diffusion(weights_dir: Path, text_encoder, tokenizer) -> LatentDiffusion:

@@ -1,5 +1,5 @@
-"""Where backbone weights come from and how text becomes token ids: the small pieces that both the CLIP and
-the latent-diffusion backbones need (so neither imports the other for them).
+"""Where backbone weights come from, how text becomes token ids and what an image input must look like: the
+small pieces that both the CLIP and the latent-diffusion backbones need (so neither imports the other).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from fmrirecon.errors import WeightsUnavailableError
 
-__all__ = ["resolve_local_folder", "tokenize_texts"]
+__all__ = ["check_images", "resolve_local_folder", "tokenize_texts"]
 
 
 def resolve_local_folder(hub_id_or_dir: str | os.PathLike, what: str) -> Path:
@@ -53,3 +53,19 @@ def tokenize_texts(tokenizer, texts: list[str] | str, context_length: int) -> to
         list(texts), padding="max_length", max_length=context_length, truncation=True, return_tensors="pt"
     )
     return tokens.input_ids
+
+
+def check_images(images: torch.Tensor, multiple: int = 1) -> None:
+    """Raise ``ValueError`` unless ``images`` is a float ``(B, 3, H, W)`` tensor whose sides are multiples of
+    ``multiple`` (the VAE's downsampling; 1 = any size)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be float (B, 3, H, W) in [0, 1], got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"images must be float in [0, 1], got dtype {images.dtype} (convert uint8 with /255)"
+        )
+    if images.shape[2] % multiple or images.shape[3] % multiple:
+        raise ValueError(
+            f"image height and width must be multiples of {multiple}, got {tuple(images.shape[2:])}"
+        )
