@@ -67,6 +67,43 @@ def world_scheduler_config(prediction_type: str = "epsilon") -> dict:
     )
 
 
+def clip_config(
+    vocab_size: int,
+    max_length: int,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    bos_token_id: int,
+    image_size: int,
+    patch_size: int,
+    width: int,
+    mlp_width: int,
+    text_layers: int,
+    vision_layers: int,
+    heads: int,
+    projection_dim: int,
+) -> dict:
+    """A ``CLIPConfig`` dict: a text and a vision transformer of one width, head count and MLP width."""
+
+    def tower(layers: int) -> dict:
+        return dict(
+            hidden_size=width,
+            intermediate_size=mlp_width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+        )
+
+    text = tower(text_layers) | dict(
+        vocab_size=vocab_size,
+        max_position_embeddings=max_length,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+    )
+    vision = dict(image_size=image_size, patch_size=patch_size) | tower(vision_layers)
+    return dict(text_config=text, vision_config=vision, projection_dim=projection_dim)
+
+
 def world_clip_config(
     vocab_size: int,
     max_length: int,
@@ -77,26 +114,19 @@ def world_clip_config(
     patch_size: int = 8,
 ) -> dict:
     """A tiny ViT/transformer CLIP for 64 px scenes (patch 8 -> 64 patches + CLS) and world captions."""
-    return dict(
-        text_config=dict(
-            vocab_size=vocab_size,
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=max_length,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            bos_token_id=bos_token_id,
-        ),
-        vision_config=dict(
-            image_size=WORLD_IMAGE_SIZE,
-            patch_size=patch_size,
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-        ),
+    return clip_config(
+        vocab_size,
+        max_length,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        image_size=WORLD_IMAGE_SIZE,
+        patch_size=patch_size,
+        width=128,
+        mlp_width=512,
+        text_layers=3,
+        vision_layers=3,
+        heads=4,
         projection_dim=128,
     )
 
@@ -111,26 +141,19 @@ TINY_WORDS = (
 def tiny_clip_config(
     vocab_size: int, max_length: int, *, eos_token_id: int, pad_token_id: int, bos_token_id: int
 ) -> dict:
-    return dict(
-        text_config=dict(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=max_length,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            bos_token_id=bos_token_id,
-        ),
-        vision_config=dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-        ),
+    return clip_config(
+        vocab_size,
+        max_length,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        image_size=32,
+        patch_size=8,
+        width=32,
+        mlp_width=37,
+        text_layers=2,
+        vision_layers=3,
+        heads=4,
         projection_dim=24,
     )
 
@@ -166,7 +189,9 @@ def tiny_unet_config(cross_attention_dim: int) -> dict:
     )
 
 
-def _clip_for(tokenizer, config_fn, seed: int):
+def random_clip_embedder(tokenizer, config_fn, seed: int, **config_kwargs):
+    """A random-weight ``ClipEmbedder`` for ``tokenizer`` (vocabulary, length and special tokens from it) with
+    the architecture ``config_fn`` returns (``world_clip_config``, ``tiny_clip_config``)."""
     import torch
     from transformers import CLIPConfig, CLIPModel
 
@@ -179,6 +204,7 @@ def _clip_for(tokenizer, config_fn, seed: int):
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
+            **config_kwargs,
         )
     )
     torch.manual_seed(seed)
@@ -189,7 +215,7 @@ def tiny_clip_embedder(seed: int = 0):
     """A random-weight ClipEmbedder (32 px images, 12-token captions) for hermetic tests."""
     from fmrirecon.backbones.world.tokenizer import build_word_tokenizer
 
-    return _clip_for(build_word_tokenizer([TINY_WORDS], max_length=12), tiny_clip_config, seed)
+    return random_clip_embedder(build_word_tokenizer([TINY_WORDS], max_length=12), tiny_clip_config, seed)
 
 
 def tiny_latent_diffusion(seed: int = 0):

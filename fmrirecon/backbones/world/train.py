@@ -216,10 +216,7 @@ def _loop(
 # ---------------------------------------------------------------------- stage 1: CLIP
 def train_clip(cfg: WorldTrainConfig, world, work_dir: Path):
     """Contrastive training of the world CLIP. Returns a :class:`ClipEmbedder`."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from fmrirecon.backbones.clip import ClipEmbedder
-    from fmrirecon.backbones.world.models import world_clip_config
+    from fmrirecon.backbones.world.models import random_clip_embedder, world_clip_config
     from fmrirecon.backbones.world.tokenizer import build_word_tokenizer, words_of
     from fmrirecon.data.world import CATEGORIES, _plural
 
@@ -227,19 +224,8 @@ def train_clip(cfg: WorldTrainConfig, world, work_dir: Path):
     all_captions = [c for caps in world.captions for c in caps] + [f"a {c} {_plural(c)}" for c in CATEGORIES]
     longest = max(len(words_of(c)) for c in all_captions)
     tokenizer = build_word_tokenizer(all_captions, max_length=longest + 2 + 2)  # + BOS/EOS + headroom
-    config = CLIPConfig(
-        **world_clip_config(
-            len(tokenizer),
-            tokenizer.model_max_length,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            patch_size=cfg.clip_patch_size,
-        )
-    )
-    torch.manual_seed(cfg.train_seed)
-    model = CLIPModel(config)
-    clip = ClipEmbedder(model, tokenizer)
+    clip = random_clip_embedder(tokenizer, world_clip_config, cfg.train_seed, patch_size=cfg.clip_patch_size)
+    model = clip.model
     model.train().requires_grad_(True)
     checkpoint = _Checkpoint(work_dir, "clip")
     start = checkpoint.load(model)
