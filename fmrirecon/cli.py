@@ -15,7 +15,7 @@ import sys
 from fmrirecon import __version__
 from fmrirecon.errors import FmriReconError
 
-COMMANDS = ("demo", "world", "prepare", "backbones", "train", "reconstruct", "evaluate", "report")
+COMMANDS = ("demo", "world", "prepare", "store", "backbones", "train", "reconstruct", "evaluate", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,10 @@ class DatasetLayoutError(FmriReconError):
     """A dataset folder or file does not follow the expected on-disk layout."""
 
 
+class StoreCorruptionError(DatasetLayoutError):
+    """A prepared store's file fails its checksum or digest (damaged on disk or in a copy)."""
+
+
 class SubjectMismatchError(FmriReconError):
     """Data, a store or a run belongs to another subject (or another store) than the one asked for."""
 

@@ -60,6 +60,12 @@ def register(subparsers) -> None:
         default=None,
         help="resize the copied stimuli to this side (default: native)",
     )
+    nsd.add_argument(
+        "--betas-dtype",
+        choices=("float32", "float16", "int16"),
+        default="float32",
+        help="storage of the z-scored betas (int16 = NSD's x 1/300 scaling); always read back as float32",
+    )
     nsd.add_argument("--force", action="store_true", help="rebuild an existing store")
     nsd.add_argument("--no-progress", action="store_true", help="hide progress bars")
     nsd.set_defaults(func=_nsd)
@@ -107,6 +113,7 @@ def _nsd(args) -> int:
         roi=args.roi,
         nan_policy=args.nan_policy,
         image_size=args.image_size,
+        betas_dtype=args.betas_dtype,
         force=args.force,
         progress=not args.no_progress,
     )

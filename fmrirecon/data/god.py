@@ -377,6 +377,7 @@ def prepare_god(
     from tqdm.auto import tqdm
 
     from fmrirecon.data.god_stimuli import read_class_names, write_store_stimuli
+    from fmrirecon.data.integrity import seal_store
 
     root, out = Path(root).expanduser(), Path(out).expanduser()
     if format not in FORMATS:
@@ -437,8 +438,9 @@ def prepare_god(
             sessions[str(s)] = prepared.n_sessions
             _write_subject(tmp / subject_file_name(s), s, roi, prepared)
         write_store_stimuli(tmp / "stimuli.hdf5", stimuli)
-        write_json_atomic(
-            tmp / "manifest.json",
+        # Checksummed datasets + per-dataset digests in the manifest (rewrites the files written unchecked).
+        seal_store(
+            tmp,
             {
                 "format": STORE_FORMAT,
                 "version": STORE_VERSION,

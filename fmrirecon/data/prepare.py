@@ -18,11 +18,25 @@ from pathlib import Path
 
 import numpy as np
 
+from fmrirecon.data.integrity import (
+    CheckedDatasetWriter,
+    open_checked_file,
+    seal_store,
+    write_checked_dataset,
+)
 from fmrirecon.data.nsd import BETAS_FORMATS, N_CAPTIONS, NAN_POLICIES, NsdReader, zscore_session
-from fmrirecon.data.store import STORE_FORMAT, STORE_VERSION, SUBJECT_FORMAT, subject_file_name
+from fmrirecon.data.store import (
+    BETAS_DTYPES,
+    STORE_FORMAT,
+    STORE_VERSION,
+    SUBJECT_FORMAT,
+    betas_storage_attrs,
+    encode_betas,
+    subject_file_name,
+)
 from fmrirecon.data.synthetic import WORLD_SIDECAR
 from fmrirecon.errors import DatasetLayoutError
-from fmrirecon.io import atomic_path, library_versions, read_json, write_json_atomic
+from fmrirecon.io import atomic_path, library_versions, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +87,7 @@ def prepare_nsd(
     roi: str = "nsdgeneral",
     nan_policy: str = "error",
     image_size: int | None = None,
+    betas_dtype: str = "float32",
     force: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -86,6 +101,9 @@ def prepare_nsd(
     nan_policy: 'error' (default) raises on NaN betas in the mask; 'zero' zero-fills them with a warning.
     image_size: resize the copied stimuli to this side (NSD's 425 px x ~37k seen images is ~20 GB per store);
         default keeps the native size.
+    betas_dtype: how the z-scored betas are stored (:data:`fmrirecon.data.store.BETAS_DTYPES`): 'float32'
+        (default), 'float16' (half the disk and cache), or 'int16' with scale 1/300 (NSD's own storage of
+        its betas); readers always return float32.
     force: rebuild even if ``out`` already holds an identical store (else re-running is a no-op).
     """
     from tqdm.auto import tqdm
@@ -98,6 +116,10 @@ def prepare_nsd(
     reader = NsdReader(root)
     request = _request("nsd", root, subjects, n_sessions, betas_format, roi, nan_policy)
     request["image_size"] = image_size
+    if betas_dtype not in BETAS_DTYPES:
+        raise DatasetLayoutError(f"betas dtype must be one of {tuple(BETAS_DTYPES)}, got {betas_dtype!r}")
+    if betas_dtype != "float32":  # only non-default choices enter the request: older stores still match
+        request["betas_dtype"] = betas_dtype
     if image_size is not None and image_size < 1:
         raise DatasetLayoutError(f"image_size must be >= 1, got {image_size}")
     if _existing_store_matches(out, request, force):
@@ -140,6 +162,7 @@ def prepare_nsd(
                 nan_policy,
                 progress,
                 tqdm,
+                betas_dtype,
             )
             seen_ids.update(ids.tolist())
         _write_stimuli(
@@ -169,7 +192,7 @@ def prepare_nsd(
             "versions": library_versions(),
             "seconds": round(time.perf_counter() - start, 3),
         }
-        write_json_atomic(tmp / "manifest.json", manifest)
+        seal_store(tmp, manifest)
     logger.info("prepared %d subject(s) into %s", len(subject_list), out)
     return out
 
@@ -184,17 +207,16 @@ def _prepare_subject(
     nan_policy: str,
     progress: bool,
     tqdm,
+    betas_dtype: str = "float32",
 ) -> np.ndarray:
-    """Write ``subjXX.hdf5``; returns the 73k ids the subject saw in the selected sessions."""
-    import h5py
-
+    """Write ``subjXX.hdf5`` (checked datasets); returns the 73k ids seen in the selected sessions."""
     mask = reader.voxel_mask(subject, roi)
     reader.check_grid(subject, 1, mask.shape, betas_format)
     _, affine = reader.roi_volume(subject, roi)
     voxel_ijk = np.argwhere(mask)  # (V, 3), sorted by i, j, k — the store's voxel order
     trials = reader.trial_table(subject, n_sessions, betas_format)
     n_trials, n_voxels = trials["global_trial"].size, len(voxel_ijk)
-    with h5py.File(path, "w") as f:
+    with open_checked_file(path) as f:
         f.attrs.update(
             {
                 "format": SUBJECT_FORMAT,
@@ -208,17 +230,13 @@ def _prepare_subject(
                 "nan_policy": nan_policy,
             }
         )
-        betas = f.create_dataset(
-            "betas",
-            shape=(n_trials, n_voxels),
-            dtype=np.float32,
-            chunks=(max(1, min(n_trials, 64)), n_voxels),
-        )
+        betas = CheckedDatasetWriter(f, "betas", (n_trials, n_voxels), BETAS_DTYPES[betas_dtype])
+        betas.dataset.attrs.update(betas_storage_attrs(betas_dtype))
         group = f.create_group("trials")
         for name, values in trials.items():
-            group.create_dataset(name, data=values)
-        f.create_dataset("voxel_ijk", data=voxel_ijk.astype(np.int32))
-        f.create_dataset("affine", data=np.asarray(affine, dtype=np.float64))
+            write_checked_dataset(group, name, values)
+        write_checked_dataset(f, "voxel_ijk", voxel_ijk.astype(np.int32))
+        write_checked_dataset(f, "affine", np.asarray(affine, dtype=np.float64))
         rois = f.create_group("rois")
         for name in reader.roi_names(subject):
             volume, _ = reader.roi_volume(subject, name)
@@ -227,8 +245,8 @@ def _prepare_subject(
                     f"ROI {reader.paths.roi(subject, name)} has grid {volume.shape}, expected {mask.shape} "
                     f"like {reader.paths.roi(subject, roi)}"
                 )
-            ds = rois.create_dataset(name, data=np.rint(volume[mask]).astype(np.int16))
-            ds.attrs["labels"] = reader.roi_labels(subject, name)
+            write_checked_dataset(rois, name, np.rint(volume[mask]).astype(np.int16))
+            rois[name].attrs["labels"] = reader.roi_labels(subject, name)
         row = 0
         for session in tqdm(
             range(1, n_sessions + 1), desc=f"subj{subject:02d} sessions", disable=not progress
@@ -244,8 +262,9 @@ def _prepare_subject(
                     f"{session_betas.shape[0]} trials, "
                     f"its header said {count}"
                 )
-            betas[row : row + count] = zscore_session(session_betas)
+            betas.write(encode_betas(zscore_session(session_betas), betas_dtype))
             row += count
+        betas.close()
     return np.unique(trials["image_id_73k"])
 
 
@@ -260,25 +279,18 @@ def _write_stimuli(
     reader: NsdReader, path: Path, ids_73k: np.ndarray, progress: bool, tqdm, image_size: int | None = None
 ) -> None:
     """Copy the seen images (batched, memory bounded, optionally resized) and captions into stimuli.hdf5."""
-    import h5py
-
     n, height, width, channels = reader.image_shape()
     if image_size is not None:
         height = width = int(image_size)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("ids_73k", data=ids_73k)
-        images = f.create_dataset(
-            "images",
-            shape=(ids_73k.size, height, width, channels),
-            dtype=np.uint8,
-            chunks=(1, height, width, channels),
+    with open_checked_file(path) as f:
+        write_checked_dataset(f, "ids_73k", ids_73k)
+        # One image per chunk: images are read one by one (datasets, reports).
+        images = CheckedDatasetWriter(
+            f, "images", (ids_73k.size, height, width, channels), np.uint8, chunk_rows=1
         )
         for start in tqdm(range(0, ids_73k.size, _IMAGE_BATCH), desc="stimuli", disable=not progress):
             batch = reader.images(ids_73k[start : start + _IMAGE_BATCH])
-            images[start : start + _IMAGE_BATCH] = batch if image_size is None else _resize(batch, image_size)
+            images.write(batch if image_size is None else _resize(batch, image_size))
+        images.close()
         captions = reader.captions(ids_73k, N_CAPTIONS)
-        f.create_dataset(
-            "captions",
-            data=np.array(captions, dtype=object).reshape(-1, N_CAPTIONS),
-            dtype=h5py.string_dtype("utf-8"),
-        )
+        write_checked_dataset(f, "captions", np.array(captions, dtype=object).reshape(-1, N_CAPTIONS))

@@ -5,24 +5,35 @@ Layout (``docs/contracts.md``, "Prepared store")::
     STORE/manifest.json   {"format": "fmrirecon-store", "version": 1, "source": {...}, "subjects": [1, ...],
                            "sessions": {"1": K, ...}, "roi": "nsdgeneral", "world": {...} | null, ...}
     STORE/stimuli.hdf5    images uint8 (N, H, W, 3); ids_73k int64 (N,) sorted; captions (N, 5) utf-8 str
-    STORE/subjXX.hdf5     betas float32 (T, V) z-scored per session per voxel;
+    STORE/subjXX.hdf5     betas (T, V) z-scored per session per voxel, stored float32, float16 or int16 x
+                          attr ``scale`` (NSD's own int16 x 1/300); read back as float32;
                           trials/{image_id_73k, session, repeat, shared, global_trial, trial_in_session} (T,);
                           voxel_ijk int (V, 3); affine (4, 4); rois/<name> int (V,) (NSD coding, attr labels);
                           attrs subject, n_sessions, roi, ...
 
 Splits: ``test`` = trials of shared images (the images every subject saw, NSD's shared1000) within the
 prepared sessions; ``train`` = every other trial; ``all`` = both.
+
+Integrity and memory (``fmrirecon.data.integrity``): every dataset is chunked with a Fletcher-32 checksum and
+the manifest records a content digest per dataset; a damaged chunk raises
+:class:`~fmrirecon.errors.StoreCorruptionError` naming file, dataset and rows. Betas are read in row blocks
+aligned to the HDF5 chunks through a per-subject cache of a set size (``cache_bytes``), so the memory of a
+multi-subject run grows with the cache, not with the number of subjects; the HDF5 handle is reopened in each
+process (data-loader workers), never shared across ``fork``.
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from fmrirecon.errors import DatasetLayoutError, SubjectMismatchError
+from fmrirecon.data import integrity
+from fmrirecon.errors import DatasetLayoutError, StoreCorruptionError, SubjectMismatchError
 from fmrirecon.io import read_json
 
 STORE_FORMAT = "fmrirecon-store"
@@ -32,6 +43,31 @@ SPLITS = ("train", "test", "all")
 TRIAL_FIELDS = ("image_id_73k", "session", "repeat", "shared", "global_trial", "trial_in_session")
 # Images are kept in memory by the datasets below this size, else read per item.
 _IMAGE_CACHE_BYTES = 2 * 1024**3
+# Default betas cache per subject (row blocks of decoded float32); set per store with ``cache_bytes``.
+DEFAULT_CACHE_BYTES = 256 * 1024**2
+# How betas may be stored: dtype on disk; int16 carries ``scale`` (NSD stores its betas as int16 x 1/300).
+BETAS_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "int16": np.dtype(np.int16)}
+INT16_SCALE = 1.0 / 300.0
+
+
+def betas_storage_attrs(betas_dtype: str) -> dict:
+    """Attributes of the ``betas`` dataset for a storage dtype (``scale`` multiplies the stored values)."""
+    return {"storage": betas_dtype, "scale": INT16_SCALE if betas_dtype == "int16" else 1.0}
+
+
+def encode_betas(betas: np.ndarray, betas_dtype: str) -> np.ndarray:
+    """float (n, V) -> the storage dtype; int16 rounds betas / scale and clips to the int16 range."""
+    if betas_dtype == "int16":
+        info = np.iinfo(np.int16)
+        return np.clip(np.rint(np.asarray(betas) / INT16_SCALE), info.min, info.max).astype(np.int16)
+    return np.asarray(betas).astype(BETAS_DTYPES[betas_dtype])
+
+
+def _decode_betas(raw: np.ndarray, scale: float) -> np.ndarray:
+    out = raw.astype(np.float32)
+    if scale != 1.0:
+        out *= np.float32(scale)
+    return out
 
 
 def subject_file_name(subject: int) -> str:
@@ -45,17 +81,22 @@ def _check_split(split: str) -> str:
 
 
 class SubjectStore:
-    """One subject's prepared betas and trial table (``STORE/subjXX.hdf5``); arrays are read once, cached."""
+    """One subject's prepared betas and trial table (``STORE/subjXX.hdf5``).
 
-    def __init__(self, path: str | os.PathLike, subject: int):
+    The trial table, voxel coordinates and ROIs are read on open; betas are read on demand in chunk-aligned
+    row blocks, decoded to float32 and kept in an LRU cache of at most ``cache_bytes`` (0 disables it).
+    """
+
+    def __init__(self, path: str | os.PathLike, subject: int, cache_bytes: int = DEFAULT_CACHE_BYTES):
         import h5py
 
         self.path = Path(path)
         self.subject = int(subject)
+        self.cache_bytes = int(cache_bytes)
         if not self.path.is_file():
             raise DatasetLayoutError(f"missing subject file {self.path} for subject {subject}")
         try:
-            with h5py.File(self.path, "r") as f:
+            with integrity.guard(self.path), h5py.File(self.path, "r") as f:
                 attrs = dict(f.attrs)
                 missing = [k for k in ("betas", "trials", "voxel_ijk", "affine") if k not in f]
                 if missing:
@@ -71,6 +112,8 @@ class SubjectStore:
                     for name in f.get("rois", {})
                 }
                 self._betas_shape = f["betas"].shape
+                self._block_rows = int((f["betas"].chunks or f["betas"].shape)[0] or 1)
+                self._scale = float(f["betas"].attrs.get("scale", 1.0))
         except (DatasetLayoutError, SubjectMismatchError):
             raise
         except Exception as err:
@@ -83,7 +126,72 @@ class SubjectStore:
             )
         self.attrs = attrs
         self.trials["shared"] = self.trials["shared"].astype(bool)
-        self._betas: np.ndarray | None = None
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
+        self._handle = None
+        self._handle_pid: int | None = None
+
+    def __getstate__(self) -> dict:
+        # Pickled into spawned data-loader workers: no HDF5 handle, no cache.
+        state = dict(self.__dict__)
+        state.update(_handle=None, _handle_pid=None, _cache=OrderedDict(), _cached_bytes=0)
+        return state
+
+    def _betas_dataset(self):
+        """The open ``betas`` dataset of this process (reopened after a fork: handles are never shared)."""
+        import h5py
+
+        if self._handle is None or self._handle_pid != os.getpid():
+            self._cache.clear()
+            self._cached_bytes = 0
+            with integrity.guard(self.path, "betas"):
+                self._handle = h5py.File(self.path, "r")
+            self._handle_pid = os.getpid()
+        return self._handle["betas"]
+
+    def close(self) -> None:
+        """Close the HDF5 handle and drop the cache."""
+        if self._handle is not None and self._handle_pid == os.getpid():
+            self._handle.close()
+        self._handle, self._handle_pid = None, None
+        self._cache.clear()
+        self._cached_bytes = 0
+
+    @property
+    def block_rows(self) -> int:
+        """Rows per block: the HDF5 chunk height of ``betas``."""
+        return self._block_rows
+
+    def _block(self, index: int) -> np.ndarray:
+        """float32 (<= block_rows, V): block ``index`` of the betas, from the cache or the file."""
+        block = self._cache.get(index)
+        if block is not None:
+            self._cache.move_to_end(index)
+            return block
+        start = index * self._block_rows
+        stop = min(self.n_trials, start + self._block_rows)
+        block = _decode_betas(integrity.read_rows(self._betas_dataset(), start, stop, self.path), self._scale)
+        if block.nbytes <= self.cache_bytes:
+            self._cache[index] = block
+            self._cached_bytes += block.nbytes
+            while self._cached_bytes > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= old.nbytes
+        return block
+
+    def iter_blocks(self, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(positions, betas)`` block by block: ``betas`` float32 (n, V) are the trial rows
+        ``rows[positions]`` (all rows if None), in file order; memory is one block plus the cache."""
+        rows = np.arange(self.n_trials) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_trials):
+            raise DatasetLayoutError(f"trial rows must be in 0..{self.n_trials - 1} for {self.path}")
+        order = np.argsort(rows, kind="stable")
+        blocks = rows[order] // self._block_rows
+        bounds = np.flatnonzero(np.diff(blocks)) + 1
+        for part in np.split(np.arange(rows.size), bounds) if rows.size else []:
+            index = int(blocks[part[0]])
+            positions = order[part]
+            yield positions, self._block(index)[rows[positions] - index * self._block_rows]
 
     @property
     def n_voxels(self) -> int:
@@ -98,13 +206,15 @@ class SubjectStore:
         return int(self.attrs["n_sessions"])
 
     def betas(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """float32 (T, V) z-scored betas, or (len(rows), V) for the given trial rows."""
-        import h5py
+        """float32 (T, V) z-scored betas, or (len(rows), V) for the given trial rows (in the order given).
 
-        if self._betas is None:
-            with h5py.File(self.path, "r") as f:
-                self._betas = f["betas"][()]
-        return self._betas if rows is None else self._betas[np.asarray(rows)]
+        Read block by block (:meth:`iter_blocks`); the result itself is a new array of the rows asked for.
+        """
+        rows = np.arange(self.n_trials) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+        out = np.empty((rows.size, self.n_voxels), dtype=np.float32)
+        for positions, block in self.iter_blocks(rows):
+            out[positions] = block
+        return out
 
     def split_rows(self, split: str) -> np.ndarray:
         """Trial rows (indices into ``betas``) of a split, in presentation order."""
@@ -124,7 +234,8 @@ class SubjectStore:
             self.trials["image_id_73k"][rows], return_inverse=True, return_counts=True
         )
         sums = np.zeros((ids.size, self.n_voxels), dtype=np.float64)
-        np.add.at(sums, inverse, self.betas(rows))
+        for positions, block in self.iter_blocks(rows):
+            np.add.at(sums, inverse[positions], block)
         return ids, (sums / counts[:, None]).astype(np.float32)
 
     def check_betas(self, betas: np.ndarray) -> None:
@@ -139,9 +250,12 @@ class SubjectStore:
 
 
 class PreparedStore:
-    """A prepared store folder (see the module docstring); validates its manifest on open."""
+    """A prepared store folder (see the module docstring); validates its manifest on open.
 
-    def __init__(self, path: str | os.PathLike):
+    cache_bytes: the betas cache of each subject (:class:`SubjectStore`).
+    """
+
+    def __init__(self, path: str | os.PathLike, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.path = Path(path).expanduser()
         manifest_path = self.path / "manifest.json"
         if not manifest_path.is_file():
@@ -151,13 +265,17 @@ class PreparedStore:
         try:
             manifest = read_json(manifest_path)
         except Exception as err:
-            raise DatasetLayoutError(f"could not read {manifest_path}: {err}") from err
+            raise StoreCorruptionError(f"could not read {manifest_path}: {err}") from err
+        if not isinstance(manifest, dict):
+            raise StoreCorruptionError(f"{manifest_path} holds no JSON object")
+        integrity.check_manifest(manifest, manifest_path)
         if manifest.get("format") != STORE_FORMAT or manifest.get("version") != STORE_VERSION:
             raise DatasetLayoutError(
                 f"{manifest_path}: expected format {STORE_FORMAT!r} version {STORE_VERSION}, "
                 f"found {manifest.get('format')!r} version {manifest.get('version')}"
             )
         self.manifest = manifest
+        self.cache_bytes = int(cache_bytes)
         self._subjects: dict[int, SubjectStore] = {}
 
     @property
@@ -178,7 +296,9 @@ class PreparedStore:
                 f"subject {subject} is not in the store {self.path}; it holds subjects {self.subjects}"
             )
         if subject not in self._subjects:
-            self._subjects[subject] = SubjectStore(self.path / subject_file_name(subject), subject)
+            self._subjects[subject] = SubjectStore(
+                self.path / subject_file_name(subject), subject, cache_bytes=self.cache_bytes
+            )
         return self._subjects[subject]
 
     @cached_property
@@ -188,7 +308,7 @@ class PreparedStore:
         path = self.path / "stimuli.hdf5"
         if not path.is_file():
             raise DatasetLayoutError(f"missing {path} in prepared store")
-        with h5py.File(path, "r") as f:
+        with integrity.guard(path, "ids_73k"), h5py.File(path, "r") as f:
             return f["ids_73k"][()], tuple(f["images"].shape)
 
     @property
@@ -216,7 +336,8 @@ class PreparedStore:
 
         rows = self._rows(ids_73k)
         unique, inverse = np.unique(rows, return_inverse=True)
-        with h5py.File(self.path / "stimuli.hdf5", "r") as f:
+        path = self.path / "stimuli.hdf5"
+        with integrity.guard(path, "images"), h5py.File(path, "r") as f:
             return f["images"][unique][inverse]
 
     def captions(self, ids_73k: np.ndarray) -> list[list[str]]:
@@ -225,7 +346,8 @@ class PreparedStore:
 
         rows = self._rows(ids_73k)
         unique, inverse = np.unique(rows, return_inverse=True)
-        with h5py.File(self.path / "stimuli.hdf5", "r") as f:
+        path = self.path / "stimuli.hdf5"
+        with integrity.guard(path, "captions"), h5py.File(path, "r") as f:
             caps = f["captions"].asstr()[unique] if unique.size else np.zeros((0, 5), dtype=object)
         return [[str(c) for c in caps[i]] for i in inverse]
 
@@ -288,16 +410,21 @@ class TrialDataset(_BetasDataset):
 
     def __init__(self, store, subject: int, split: str = "train", with_images: bool = True):
         super().__init__(store, subject, split, with_images)
-        rows = self.subject_store.split_rows(self.split)
-        self.betas = self.subject_store.betas(rows)  # (n, V)
-        self.image_ids = self.subject_store.trials["image_id_73k"][rows]
+        self.rows = self.subject_store.split_rows(self.split)  # trial rows, read lazily through the cache
+        self.image_ids = self.subject_store.trials["image_id_73k"][self.rows]
         self._setup_images(self.image_ids)
+
+    @property
+    def betas(self) -> np.ndarray:
+        """float32 (n, V): every item's betas at once (reads the whole split; items read only their row)."""
+        return self.subject_store.betas(self.rows)
 
     def __len__(self) -> int:
         return int(self.image_ids.size)
 
     def __getitem__(self, index: int) -> dict:
-        return self._item(index, self.betas[index], self.image_ids[index])
+        row = self.subject_store.betas(self.rows[index : index + 1])[0]
+        return self._item(index, row, self.image_ids[index])
 
 
 class AveragedDataset(_BetasDataset):

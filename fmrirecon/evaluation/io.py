@@ -243,6 +243,12 @@ def _is_store_manifest(path: Path) -> bool:
         return False
 
 
+def _store_digest_of(store: str | os.PathLike) -> str | None:
+    from fmrirecon.data.integrity import store_digest
+
+    return store_digest(store) if (Path(store) / "manifest.json").is_file() else None
+
+
 def write_recon_dir(
     recon_dir: str | os.PathLike,
     *,
@@ -276,15 +282,15 @@ def write_recon_dir(
             np.save(tmp / "brain_embeddings.npy", brain_embeddings)
         if image_embeddings is not None:
             np.save(tmp / "image_embeddings.npy", image_embeddings)
-        write_json_atomic(
-            tmp / "manifest.json",
-            {
-                "method": method,
-                "subject": int(subject),
-                "variant": variant,
-                "ids": [int(i) for i in ids],
-                "samples": int(images.shape[1]),
-                **(extra or {}),
-            },
-        )
+        manifest = {
+            "method": method,
+            "subject": int(subject),
+            "variant": variant,
+            "ids": [int(i) for i in ids],
+            "samples": int(images.shape[1]),
+            **(extra or {}),
+        }
+        if manifest.get("store") and "store_digest" not in manifest:  # the store's content digest
+            manifest["store_digest"] = _store_digest_of(manifest["store"])
+        write_json_atomic(tmp / "manifest.json", manifest)
     return recon_dir
