@@ -381,6 +381,14 @@ def _score_features(
 
 
 # ---------------------------------------------------------------------------------------------- entry point
+def _truth_digest(truth) -> dict[str, str]:
+    """``{"store_digest": ...}`` when the ground truth is a prepared store (fmrirecon.data.integrity)."""
+    from fmrirecon.data.integrity import store_digest
+
+    is_store = truth.kind == "store" and os.path.isfile(os.path.join(truth.path, "manifest.json"))
+    return {"store_digest": store_digest(truth.path)} if is_store else {}
+
+
 def evaluate_reconstructions(
     recon_dirs: Sequence[str | os.PathLike] | str | os.PathLike,
     truth: str | os.PathLike | Truth,
@@ -467,7 +475,7 @@ def evaluate_reconstructions(
     settings = preset.settings()
     settings.update(
         {
-            "truth": {"path": str(truth.path), "kind": truth.kind},
+            "truth": {"path": str(truth.path), "kind": truth.kind, **_truth_digest(truth)},
             "weights": {net: ex.weights for net, ex in ready.items()},
             "random_weights_for_testing": bool(random_weights_for_testing),
             "device": device,
