@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fmrirecon.commands.options import add_device_option
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -33,11 +35,7 @@ def register(subparsers) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
         help="config override for one method, e.g. --set ridge.reconstruction.num_steps=10 (repeatable)",
     )  # fmt: skip
-    parser.add_argument(
-        "--device",
-        default="auto",
-        help="auto | cpu | cuda | cuda:N (default: auto = the GPU if there is one)",
-    )
+    add_device_option(parser)
     parser.set_defaults(func=_run)
 
 

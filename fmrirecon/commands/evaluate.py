@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fmrirecon.commands.options import add_device_option
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -17,9 +19,7 @@ def register(subparsers) -> None:
     parser.add_argument("--preset", default="world", help="world | mindeye | braindiffuser (default: world)")
     parser.add_argument("--out", default="metrics.json", help="output JSON (default: metrics.json)")
     parser.add_argument("--weights-dir", default=None, help="folder searched first for network weights")
-    parser.add_argument(
-        "--device", default="auto", help="auto | cpu | cuda | cuda:N for the networks (default: auto)"
-    )
+    add_device_option(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.set_defaults(func=_run)
 

@@ -7,6 +7,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from fmrirecon.commands.options import add_device_option
+
 logger = logging.getLogger(__name__)
 
 
@@ -46,11 +48,7 @@ def register(subparsers) -> None:
         "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
         help="reconstruction setting override (repeatable); unknown keys and wrong types are refused",
     )  # fmt: skip
-    parser.add_argument(
-        "--device",
-        default="auto",
-        help="auto | cpu | cuda | cuda:N (default: auto = the GPU if there is one)",
-    )
+    add_device_option(parser)
     parser.set_defaults(func=_run)
 
 

@@ -7,6 +7,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from fmrirecon.commands.options import add_device_option
+
 logger = logging.getLogger(__name__)
 
 USAGE = (
@@ -76,10 +78,7 @@ def _add_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         help="seed for initialisation, data order and sampling (default: 0)",
         **(default or {"default": 0}),
     )
-    parser.add_argument(
-        "--device", help="auto | cpu | cuda | cuda:N (default: auto = the GPU if there is one)",
-        **(default or {"default": "auto"}),
-    )  # fmt: skip
+    add_device_option(parser, **default)
 
 
 def parse_method_and_overrides(args: argparse.Namespace) -> argparse.Namespace:
