@@ -8,6 +8,7 @@ parser and sets ``func`` (called with the parsed namespace; returns an exit code
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -45,6 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except FmriReconError as err:
         print(f"fmrirecon {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(
+            f"fmrirecon {args.command}: error: no space left on device ({err}); writes are atomic, so no "
+            "half-written output is left under its final name — free space and run the same command again",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -12,8 +12,16 @@ class DatasetLayoutError(FmriReconError):
     """A dataset folder or file does not follow the expected on-disk layout."""
 
 
-class StoreCorruptionError(DatasetLayoutError):
+class CorruptFileError(DatasetLayoutError):
+    """A file of a store, run folder or reconstruction folder fails its checksum or recorded digest."""
+
+
+class StoreCorruptionError(CorruptFileError):
     """A prepared store's file fails its checksum or digest (damaged on disk or in a copy)."""
+
+
+class RunLockedError(FmriReconError):
+    """Another process is training into the same run folder."""
 
 
 class SubjectMismatchError(FmriReconError):

@@ -24,6 +24,8 @@ calls), so all of them get the same guarantees through one call.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from fmrirecon.errors import DatasetLayoutError, StoreCorruptionError
+from fmrirecon.errors import CorruptFileError, DatasetLayoutError, RunLockedError, StoreCorruptionError
 
 DIGEST_NAME = "blake2b-128"
 DIGEST_ATTR = "fmrirecon_digest"
@@ -356,13 +358,15 @@ def manifest_self_digest(manifest: dict[str, Any]) -> str:
     return f"{DIGEST_NAME}:{hashlib.blake2b(_canonical(body), digest_size=16).hexdigest()}"
 
 
-def check_manifest(manifest: dict[str, Any], path: str | os.PathLike) -> None:
-    """Raise StoreCorruptionError if a sealed manifest no longer matches its own digest."""
+def check_manifest(
+    manifest: dict[str, Any], path: str | os.PathLike, error: type[CorruptFileError] = StoreCorruptionError
+) -> None:
+    """Raise ``error`` if a sealed manifest no longer matches its own digest."""
     recorded = manifest.get(MANIFEST_DIGEST_KEY)
     if recorded is not None and recorded != manifest_self_digest(manifest):
-        raise StoreCorruptionError(
+        raise error(
             f"{path} does not match its own digest ({recorded}): the manifest was damaged or edited — "
-            "re-copy the store or prepare it again"
+            "re-copy it or produce it again"
         )
 
 
@@ -479,3 +483,104 @@ def verify_store(store_dir: str | os.PathLike, progress: bool = False) -> Verify
         if path.name not in files:
             reports.append(FileReport(path.name, "unlisted", ["not recorded in manifest.json"]))
     return VerifyReport(store, reports, time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------ run and reconstruction folders
+RUN_LOCK_FILE = ".lock"
+_FILE_BLOCK = 1 << 20
+_HELD_LOCKS: dict[str, int] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """BLAKE2b-128 of a file's bytes."""
+    h = _hasher()
+    with open(path, "rb") as f:
+        while block := f.read(_FILE_BLOCK):
+            h.update(block)
+    return f"{DIGEST_NAME}:{h.hexdigest()}"
+
+
+def folder_digests(folder: str | os.PathLike, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """``{relative path: digest}`` of every regular file under ``folder`` (except ``exclude`` and locks)."""
+    folder = Path(folder)
+    skip = {*exclude, RUN_LOCK_FILE}
+    return {
+        p.relative_to(folder).as_posix(): file_digest(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).as_posix() not in skip and not p.name.startswith(".")
+    }
+
+
+def check_folder_digests(folder: str | os.PathLike, recorded: dict[str, str] | None, what: str) -> None:
+    """Raise CorruptFileError naming each recorded file of ``folder`` that is missing or changed."""
+    if not recorded:
+        return
+    folder = Path(folder)
+    bad = []
+    for name, digest in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            bad.append(f"{name} (missing)")
+        elif file_digest(path) != digest:
+            bad.append(f"{name} (content changed)")
+    if bad:
+        raise CorruptFileError(
+            f"{what} {folder} is damaged: {', '.join(bad)} no longer match the digests recorded when it was "
+            "written; restore it from a copy or produce it again"
+        )
+
+
+def seal_run_files(run_dir: str | os.PathLike) -> dict[str, str]:
+    """Digests of a finished run folder's files (recorded in ``done.json`` by ``mark_done``)."""
+    return folder_digests(run_dir, exclude=("done.json",))
+
+
+def check_run_files(run_dir: str | os.PathLike) -> None:
+    """Raise CorruptFileError if a finished run's files differ from the digests in its ``done.json``."""
+    from fmrirecon.io import read_json
+
+    done = Path(run_dir) / "done.json"
+    if not done.is_file():
+        return
+    try:
+        recorded = read_json(done)
+    except (OSError, ValueError) as err:
+        raise CorruptFileError(
+            f"{done} is damaged ({err}); restore the run from a copy or train it again"
+        ) from err
+    if not isinstance(recorded, dict):
+        raise CorruptFileError(f"{done} holds no JSON object; restore the run from a copy or train it again")
+    check_folder_digests(run_dir, recorded.get("files"), "run folder")
+
+
+def lock_run_dir(run_dir: str | os.PathLike) -> None:
+    """Hold an exclusive ``flock`` on ``RUN/.lock`` for this process (re-entrant; the OS frees it when the
+    process ends, even on SIGKILL). Raises RunLockedError if another process holds it."""
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
+    if key in _HELD_LOCKS:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / RUN_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise RunLockedError(
+                f"run dir {run_dir} is being trained by another process (pid {holder}); wait for it to "
+                "finish, or train into another --out"
+            ) from err
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _HELD_LOCKS[key] = fd
+
+
+def unlock_run_dir(run_dir: str | os.PathLike) -> None:
+    """Release this process's lock on ``run_dir`` (no-op if not held)."""
+    fd = _HELD_LOCKS.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

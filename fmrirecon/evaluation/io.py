@@ -135,6 +135,12 @@ def read_recon_dir(path: str | os.PathLike) -> ReconSet:
         manifest = read_json(manifest_path)
     except ValueError as err:
         raise EvaluationInputError(f"{manifest_path}: not valid JSON ({err})") from err
+    if isinstance(manifest, dict):  # digests recorded by write_recon_dir (fmrirecon.data.integrity)
+        from fmrirecon.data.integrity import check_folder_digests, check_manifest
+        from fmrirecon.errors import CorruptFileError
+
+        check_manifest(manifest, manifest_path, error=CorruptFileError)
+        check_folder_digests(path, manifest.get("files"), "reconstruction folder")
     for key, kind in MANIFEST_KEYS.items():
         if key not in manifest:
             raise EvaluationInputError(
@@ -292,5 +298,10 @@ def write_recon_dir(
         }
         if manifest.get("store") and "store_digest" not in manifest:  # the store's content digest
             manifest["store_digest"] = _store_digest_of(manifest["store"])
+        # Digests of the images and embeddings, and of the manifest itself: read_recon_dir checks them.
+        from fmrirecon.data.integrity import MANIFEST_DIGEST_KEY, folder_digests, manifest_self_digest
+
+        manifest["files"] = folder_digests(tmp, exclude=("manifest.json",))
+        manifest[MANIFEST_DIGEST_KEY] = manifest_self_digest(manifest)
         write_json_atomic(tmp / "manifest.json", manifest)
     return recon_dir

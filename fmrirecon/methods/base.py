@@ -39,7 +39,13 @@ from fmrirecon.config import (
     load_config,
     type_name,
 )
-from fmrirecon.data.integrity import store_digest
+from fmrirecon.data.integrity import (
+    check_run_files,
+    lock_run_dir,
+    seal_run_files,
+    store_digest,
+    unlock_run_dir,
+)
 from fmrirecon.errors import ConfigError, DatasetLayoutError, SubjectMismatchError
 from fmrirecon.io import library_versions, read_json, write_json_atomic
 
@@ -265,7 +271,8 @@ class ReconMethod(abc.ABC):
 
     @classmethod
     def read_run_config(cls, run_dir: str | os.PathLike) -> Any:
-        """The ``Config`` stored in ``RUN/config.json``."""
+        """The ``Config`` stored in ``RUN/config.json`` (a finished run's files are checked first)."""
+        check_run_files(run_dir)
         info = read_run(run_dir)
         if info["method"] != cls.name:
             raise ConfigError(f"run {run_dir} was trained with method '{info['method']}', not '{cls.name}'")
@@ -393,6 +400,7 @@ def init_run_dir(
             raise TypeError("init_run_dir needs data=RunData(...), or subject= and store_path=")
         data = RunData.target(store_path, subject)
     run_dir = Path(run_dir)
+    lock_run_dir(run_dir)  # one training process per run dir (RunLockedError); released by mark_done
     resolved = config_to_dict(config) if not isinstance(config, dict) else config
     described = data.describe()
     info = {
@@ -448,8 +456,11 @@ def init_run_dir(
 
 
 def mark_done(run_dir: str | os.PathLike, **summary: Any) -> None:
-    """Write ``RUN/done.json`` once a run has finished (what ``--init-from`` requires)."""
-    write_json_atomic(Path(run_dir) / "done.json", {"finished": True, **summary})
+    """Write ``RUN/done.json`` once a run has finished (what ``--init-from`` requires), with the digest of
+    every file of the run (checked when the run is loaded), and release the run dir's lock."""
+    files = seal_run_files(run_dir)
+    write_json_atomic(Path(run_dir) / "done.json", {"finished": True, **summary, "files": files})
+    unlock_run_dir(run_dir)
 
 
 def check_init_run(
@@ -462,6 +473,7 @@ def check_init_run(
         SubjectMismatchError: it was trained on other stores than ``data``'s primary store, or (``holds_out``)
             on one of ``data``'s subjects.
     """
+    check_run_files(init_dir)
     info = read_run(init_dir)
     if info.get("method") != method:
         raise ConfigError(
