@@ -22,11 +22,13 @@ the UNet a second time. Other hooks get :meth:`StepState.predict_noise` to re-ru
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
 from fmrirecon.backbones.diffusion import LatentDiffusion
@@ -146,12 +148,20 @@ class _SelfAttentionGuidance:
         if not keep:
             self.processor.probs = None
 
-    def degraded_latents(self, latents, model_out, probs, scheduler, t) -> torch.Tensor:
+    def degraded_latents(
+        self, latents, model_out, probs, scheduler=None, t=None, *, alpha_bar: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Blur the attended regions of ``x̂0`` and re-noise to ``t`` (SAG's ``x̂_t``), from the branch's
-        prediction ``model_out`` ``(B, C, h, w)`` and its mid-block map ``probs`` ``(B·heads, L, L)``."""
+        prediction ``model_out`` ``(B, C, h, w)`` and its mid-block map ``probs`` ``(B·heads, L, L)``.
+
+        ``alpha_bar``: ``ᾱ_t`` as a tensor on the latents' device (what the sampler passes: no device read);
+        without it, ``ᾱ_t`` is read from ``scheduler`` at ``t``.
+        """
         from torchvision.transforms.functional import gaussian_blur
 
-        alpha_bar = scheduler.alphas_cumprod[int(t)].to(latents)
+        if alpha_bar is None:
+            alpha_bar = scheduler.alphas_cumprod[int(t)]
+        alpha_bar = alpha_bar.to(latents)
         sigma = (1 - alpha_bar).sqrt()
         if self.prediction_type == "v_prediction":
             x0 = alpha_bar.sqrt() * latents - sigma * model_out
@@ -168,7 +178,7 @@ class _SelfAttentionGuidance:
         k = min(9, 2 * min(latents.shape[-2:]) - 1)  # SAG's 9×9, σ = 1; reflect padding needs pad < side
         blurred = gaussian_blur(x0, kernel_size=[k, k], sigma=[1.0, 1.0])
         degraded = blurred * mask + x0 * (1 - mask)
-        return scheduler.add_noise(degraded, eps, t.reshape(1))
+        return alpha_bar.sqrt() * degraded + sigma * eps  # q(x_t | x̂0) with the branch's own noise
 
 
 def ddim_sample(
@@ -188,8 +198,13 @@ def ddim_sample(
     progress: bool = True,
     eta: float = 0.0,
     sag_scale: float = 0.0,
+    compile_unet: bool = False,
 ) -> torch.Tensor:
     """Sample latents with DDIM.
+
+    The loop never reads the device back (no host synchronisation per step): the timestep schedule, the
+    ``ᾱ_t`` of every step and the DDIM noise (``eta > 0``) are prepared before the first step, and every
+    step indexes them; the scheduler gets the step's timestep as a Python int.
 
     Args:
         ld: the latent diffusion backbone.
@@ -205,11 +220,19 @@ def ddim_sample(
         mid_residual: mid-block residual ``(B, C_mid, h', w')``, with tensor ``down_residuals``.
         residual_scales: one scale for all residuals, or one per residual (down ones first, mid last).
         step_hook: called every step with a :class:`StepState`; may return a new noise prediction.
-        generator: seeds the initial noise (and the DDIM noise when ``eta > 0``).
+        generator: seeds the initial noise (and the DDIM noise when ``eta > 0``), drawn on the CPU so that
+            a seed gives the same noise on every device.
         progress: show a progress bar.
         eta: DDIM stochasticity (0 = deterministic DDIM, the field's default).
         sag_scale: self-attention guidance scale (0 = off; diffusers' SAG pipeline and NeuralDiffuser: 0.75).
-            Costs one more UNet pass per step on the unconditional branch.
+            Costs one more UNet pass per step: SAG's input is the blurred ``x̂0`` of the same step's
+            unconditional prediction and its attention map, so it follows that pass. On the steps where the
+            hook asks for the graph under CFG, the conditional pass does not feed SAG, and the two run as
+            one batch (``2B``, the graph kept for the conditional half only).
+        compile_unet: run the no-grad UNet passes through ``torch.compile`` (CUDA graphs,
+            ``mode="reduce-overhead"``, on a GPU; the default inductor mode on the CPU). A speed option:
+            the first call compiles (minutes at SD size); results equal the eager ones within float
+            tolerance.
     Returns:
         latents ``z_0`` ``(B, C, h, w)``.
     """
@@ -227,8 +250,8 @@ def ddim_sample(
     context = context.to(device=device, dtype=dtype)
 
     scheduler = DDIMScheduler.from_config(ld.scheduler.config)  # fresh copy: set_timesteps mutates state
-    scheduler.set_timesteps(num_steps, device=device)
-    timesteps = scheduler.timesteps
+    scheduler.set_timesteps(num_steps)  # on the host: the schedule is read here once, never per step
+    schedule = scheduler.timesteps  # (num_steps,) int64 on the CPU
 
     shape = (batch, *ld.latent_shape)
     if init_latents is None:
@@ -242,55 +265,82 @@ def ddim_sample(
         init_latents = init_latents.to(device=device, dtype=dtype)
         # SDEdit start: skip the first (1 - strength) of the schedule (diffusers img2img convention)
         n_run = min(int(num_steps * strength), num_steps)
-        timesteps = timesteps[num_steps - n_run :]
+        schedule = schedule[num_steps - n_run :]
         if n_run == 0:
             return init_latents.clone()
         noise = torch.randn(init_latents.shape, generator=generator, dtype=dtype, device="cpu").to(device)
-        latents = scheduler.add_noise(init_latents, noise, timesteps[:1])
+        latents = scheduler.add_noise(init_latents, noise, schedule[:1].to(device))
+    steps = schedule.tolist()  # Python ints for scheduler.step: no device read inside the loop
+    timesteps = schedule.to(device)  # the UNet's t, indexed on the device
+    alpha_bars = scheduler.alphas_cumprod[schedule].to(device)  # ᾱ_t of every step that runs
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)  # scheduler.step reads ᾱ on the device
+    scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(device)
+    # DDIM noise of every step, drawn now in the order the steps would draw it (same values as per step)
+    step_noise = None
+    if eta > 0:
+        step_noise = torch.stack(
+            [torch.randn(shape, generator=generator, dtype=dtype, device="cpu") for _ in steps]
+        ).to(device)
 
-    residual_fn = _residual_function(down_residuals, mid_residual, residual_scales, batch)
+    live_control = callable(down_residuals)  # evaluated at each pass's own input: SAG's stays separate
+    residual_fn = _residual_function(down_residuals, mid_residual, residual_scales, batch, device)
     cond_and_uncond = None
     if use_cfg:
         cond_and_uncond = torch.cat([uncond.to(device=device, dtype=dtype).expand(batch, -1, -1), context])
+    fast_unet = _compiled(ld.unet) if compile_unet else ld.unet
 
-    def unet(z: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, n_copies: int) -> torch.Tensor:
+    def unet(z: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, n_copies: int, fast: bool = False):
         down, mid = residual_fn(z[:batch], t)
         kwargs = {}
         if down is not None:
             kwargs["down_block_additional_residuals"] = [r.repeat(n_copies, 1, 1, 1) for r in down]
         if mid is not None:
             kwargs["mid_block_additional_residual"] = mid.repeat(n_copies, 1, 1, 1)
+        if fast and fast_unet is not ld.unet:
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            # a CUDA-graph output is overwritten by the graph's next replay: keep a copy
+            return fast_unet(z, t, encoder_hidden_states=ctx, **kwargs).sample.clone()
         return ld.unet(z, t, encoder_hidden_states=ctx, **kwargs).sample
 
+    prediction_type = ld.scheduler.config.get("prediction_type", "epsilon")
     sag = None
     if sag_scale:
-        prediction_type = ld.scheduler.config.get("prediction_type", "epsilon")
         sag = _SelfAttentionGuidance(ld.unet, float(sag_scale), prediction_type)
         sag_context = cond_and_uncond[:batch] if use_cfg else context
     uncond_batch = cond_and_uncond[:batch] if use_cfg else None
 
     with sag if sag is not None else contextlib.nullcontext():
-        for i, t in enumerate(tqdm(timesteps, desc="DDIM", disable=not progress, leave=False)):
+        for i in tqdm(range(len(steps)), desc="DDIM", disable=not progress, leave=False):
+            t, alpha_bar = timesteps[i], alpha_bars[i]
             graph = step_hook is not None and _hook_needs_graph(step_hook, i)
             z_t = latents.detach().requires_grad_(True) if graph else latents
             if sag is not None:
                 sag.keep_maps(True)
             with torch.no_grad():
                 if use_cfg and not graph:
-                    eps_uncond, eps_cond = unet(torch.cat([latents, latents]), t, cond_and_uncond, 2).chunk(2)
+                    both = unet(torch.cat([latents, latents]), t, cond_and_uncond, 2, fast=True)
+                    eps_uncond, eps_cond = both.chunk(2)
                 elif use_cfg:
-                    eps_uncond = unet(latents, t, uncond_batch, 1)
+                    eps_uncond = unet(latents, t, uncond_batch, 1, fast=True)
                 else:
                     eps_uncond = None
                     if not graph:
-                        eps_cond = unet(latents, t, context, 1)
-            sag_probs = None
+                        eps_cond = unet(latents, t, context, 1, fast=True)
+            sag_probs, sag_pred = None, None
             if graph:
                 if sag is not None and use_cfg:  # the map is the unconditional pass's, just run
                     sag_probs = sag.branch_maps(batch)
                     sag.keep_maps(False)
-                with torch.enable_grad():
-                    eps_cond = unet(z_t, t, context, 1)  # the graph the hook differentiates
+                if sag is not None and use_cfg and not live_control:
+                    with torch.no_grad():
+                        degraded = sag.degraded_latents(latents, eps_uncond, sag_probs, alpha_bar=alpha_bar)
+                    with torch.enable_grad():  # one batch: the graph the hook differentiates + SAG's pass
+                        out = unet(torch.cat([z_t, degraded]), t, torch.cat([context, sag_context]), 2)
+                    eps_cond, sag_pred = out[:batch], out[batch:].detach()
+                else:
+                    with torch.enable_grad():
+                        eps_cond = unet(z_t, t, context, 1)  # the graph the hook differentiates
             if sag is not None:
                 sag_probs = sag.branch_maps(batch) if sag_probs is None else sag_probs
                 sag.keep_maps(False)
@@ -298,9 +348,11 @@ def ddim_sample(
             eps = eps_uncond + cfg_scale * (eps_c - eps_uncond) if use_cfg else eps_c
             if sag is not None:
                 branch = eps_uncond if use_cfg else eps_c
-                with torch.no_grad():
-                    degraded = sag.degraded_latents(latents, branch, sag_probs, scheduler, t)
-                    eps = eps + sag.scale * (branch - unet(degraded, t, sag_context, 1))
+                if sag_pred is None:
+                    with torch.no_grad():
+                        degraded = sag.degraded_latents(latents, branch, sag_probs, alpha_bar=alpha_bar)
+                        sag_pred = unet(degraded, t, sag_context, 1, fast=True)
+                eps = eps + sag.scale * (branch - sag_pred)
             if step_hook is not None:
                 state = StepState(
                     step_index=i,
@@ -309,9 +361,9 @@ def ddim_sample(
                     noise_pred=eps,
                     noise_pred_cond=eps_cond,
                     noise_pred_uncond=eps_uncond,
-                    alpha_prod_t=scheduler.alphas_cumprod[int(t)].to(device),
+                    alpha_prod_t=alpha_bar,
                     context=context,
-                    prediction_type=ld.scheduler.config.get("prediction_type", "epsilon"),
+                    prediction_type=prediction_type,
                     _predict=lambda z, t=t: unet(z, t, context, 1),
                 )
                 with torch.enable_grad():
@@ -322,8 +374,70 @@ def ddim_sample(
                             f"step_hook returned {tuple(replaced.shape)}, expected {tuple(eps.shape)}"
                         )
                     eps = replaced.detach()
-            latents = scheduler.step(eps, t, latents.detach(), eta=eta, generator=generator).prev_sample
+            variance_noise = step_noise[i] if step_noise is not None else None
+            latents = scheduler.step(
+                eps, steps[i], latents.detach(), eta=eta, variance_noise=variance_noise
+            ).prev_sample
     return latents
+
+
+class count_host_syncs(TorchDispatchMode):  # noqa: N801 (used as a context manager)
+    """Count the operations that make the host wait for ``device`` while the context is active.
+
+    Counted (``counts``, keyed by aten op): reading a value of a tensor on ``device`` (``.item()``,
+    ``int(t)``, ``float(t)``, ``bool(t)``, indexing a tensor with a 0-d tensor: ``_local_scalar_dense``),
+    operations whose output size depends on values (``nonzero``, ``masked_select``, ``unique``), and
+    blocking copies between ``device`` and the CPU. On a GPU these are what
+    ``torch.cuda.set_sync_debug_mode`` reports; with ``device="cpu"`` every value read counts, a superset
+    that lets a CPU test check a loop that must not read the device back. ``total`` sums them.
+    """
+
+    _VALUE_OPS = (
+        "aten._local_scalar_dense",
+        "aten.nonzero",
+        "aten.masked_select",
+        "aten._unique",
+        "aten.unique",
+    )
+
+    def __init__(self, device="cpu"):
+        super().__init__()
+        self.device = torch.device(device)
+        self.counts: dict[str, int] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def _on_device(self, x) -> bool:
+        return isinstance(x, torch.Tensor) and x.device.type == self.device.type
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        sync = False
+        if name.startswith(self._VALUE_OPS):
+            sync = bool(args) and self._on_device(args[0])
+        elif name in ("aten._to_copy", "aten.copy_") and self.device.type != "cpu" and args:
+            src = args[1] if name == "aten.copy_" else args[0]
+            dst_device = args[0].device if name == "aten.copy_" else kwargs.get("device", src.device)
+            crosses = {torch.device(dst_device).type, src.device.type} == {"cpu", self.device.type}
+            sync = crosses and not kwargs.get("non_blocking", False)
+        if sync:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **kwargs)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled(unet: torch.nn.Module):
+    """``torch.compile`` of ``unet`` (CUDA graphs on a GPU), built once per UNet object and kept beside it;
+    the backbone itself is left as the loader handed it out."""
+    if unet not in _COMPILED:
+        cuda = next(unet.parameters()).device.type == "cuda"
+        _COMPILED[unet] = torch.compile(unet, mode="reduce-overhead" if cuda else None, dynamic=False)
+    return _COMPILED[unet]
 
 
 def text_to_image(
@@ -360,8 +474,9 @@ def _check_context(ld, context, what: str = "context", batch: tuple[int, ...] | 
     return context.shape[0]
 
 
-def _residual_function(down, mid, scales, batch: int) -> ResidualFn:
-    """Normalise the residual arguments to one ``(z_t, t) -> (down, mid)`` function applying the scales."""
+def _residual_function(down, mid, scales, batch: int, device=None) -> ResidualFn:
+    """Normalise the residual arguments to one ``(z_t, t) -> (down, mid)`` function applying the scales
+    (fixed residuals are moved to ``device`` once, not at every step)."""
     if down is None and mid is None:
         return lambda z, t: (None, None)
     if callable(down):
@@ -369,10 +484,13 @@ def _residual_function(down, mid, scales, batch: int) -> ResidualFn:
             raise ValueError("pass mid_residual from the down_residuals function, not separately")
         source = down
     else:
-        fixed = (list(down) if down is not None else None, mid)
-        for r in [*(fixed[0] or []), *([mid] if mid is not None else [])]:
+        for r in [*(down or []), *([mid] if mid is not None else [])]:
             if r.shape[0] != batch:
                 raise ValueError(f"residuals must have batch {batch} (the context's), got {tuple(r.shape)}")
+        fixed = (
+            [r.to(device) for r in down] if down is not None else None,
+            mid.to(device) if mid is not None else None,
+        )
         source = lambda z, t: fixed  # noqa: E731
 
     def scaled(z, t):
