@@ -61,7 +61,7 @@ def test_every_dataset_is_checksummed_and_its_digest_matches_an_independent_hash
     assert set(files) == {"stimuli.hdf5", "subj01.hdf5", "subj02.hdf5", "subj03.hdf5"}
     for name, entries in files.items():
         with h5py.File(out["float32"] / name, "r") as f:
-            assert integrity._datasets(f) == sorted(entries)
+            assert integrity.dataset_names(f) == sorted(entries)
             for ds_name, entry in entries.items():
                 ds = f[ds_name]
                 assert ds.fletcher32 and ds.chunks is not None, (name, ds_name)

@@ -252,7 +252,8 @@ def dataset_digest(dataset, path) -> str:
 
 
 # ------------------------------------------------------------------ sealing
-def _datasets(f) -> list[str]:
+def dataset_names(f) -> list[str]:
+    """Sorted paths of every dataset in an open HDF5 file or group."""
     import h5py
 
     names: list[str] = []
@@ -272,7 +273,7 @@ def _is_checked(f, name: str) -> bool:
 def _file_entries(path: Path) -> dict[str, dict[str, Any]] | None:
     """Manifest entries from the digest attributes, or None if some dataset was written unchecked."""
     with open_checked_file(path, "r") as f:
-        names = _datasets(f)
+        names = dataset_names(f)
         if not all(_is_checked(f, n) for n in names) or _superblock_version(path) < 2:
             return None
         return {
@@ -317,7 +318,7 @@ def _rewrite_checked(path: Path) -> dict[str, dict[str, Any]]:
         src.visititems(lambda n, o: groups.append(n) if isinstance(o, h5py.Group) else None)
         for g in groups:
             _copy_attrs(src[g], dst.require_group(g))
-        for name in _datasets(src):
+        for name in dataset_names(src):
             ds = src[name]
             data = ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) is not None else ds[()]
             entries[name] = write_checked_dataset(dst, name, data)
@@ -454,7 +455,7 @@ def verify_store(store_dir: str | os.PathLike, progress: bool = False) -> Verify
             continue
         try:
             with h5py.File(path, "r") as f:
-                found = set(_datasets(f))
+                found = set(dataset_names(f))
                 for ds_name, entry in files[name].items():
                     if ds_name not in found:
                         report.problems.append(f"dataset {ds_name!r} is missing")

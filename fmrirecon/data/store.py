@@ -87,7 +87,16 @@ class SubjectStore:
     row blocks, decoded to float32 and kept in an LRU cache of at most ``cache_bytes`` (0 disables it).
     """
 
-    def __init__(self, path: str | os.PathLike, subject: int, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        subject: int,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        expected_datasets: list[str] | None = None,
+    ):
+        """expected_datasets: the datasets the manifest's integrity record lists for this file; a damaged
+        group index that hides some of them (h5py then iterates an empty group) raises
+        StoreCorruptionError instead of silently dropping, e.g., the ROIs."""
         import h5py
 
         self.path = Path(path)
@@ -102,6 +111,12 @@ class SubjectStore:
                 if missing:
                     raise DatasetLayoutError(
                         f"{self.path} lacks {missing}; expected a file written by prepare"
+                    )
+                lost = sorted(set(expected_datasets or ()) - set(integrity.dataset_names(f)))
+                if lost:
+                    raise StoreCorruptionError(
+                        f"{self.path} lacks datasets {lost} that manifest.json records: the file is "
+                        "damaged — re-copy it or prepare the store again"
                     )
                 self.trials = {name: f["trials"][name][()] for name in f["trials"]}
                 self.voxel_ijk = f["voxel_ijk"][()]
@@ -296,8 +311,13 @@ class PreparedStore:
                 f"subject {subject} is not in the store {self.path}; it holds subjects {self.subjects}"
             )
         if subject not in self._subjects:
+            name = subject_file_name(subject)
+            recorded = ((self.manifest.get("integrity") or {}).get("files") or {}).get(name)
             self._subjects[subject] = SubjectStore(
-                self.path / subject_file_name(subject), subject, cache_bytes=self.cache_bytes
+                self.path / name,
+                subject,
+                cache_bytes=self.cache_bytes,
+                expected_datasets=list(recorded) if recorded is not None else None,
             )
         return self._subjects[subject]
 

@@ -46,7 +46,7 @@ from fmrirecon.data.integrity import (
     store_digest,
     unlock_run_dir,
 )
-from fmrirecon.errors import ConfigError, DatasetLayoutError, SubjectMismatchError
+from fmrirecon.errors import ConfigError, CorruptFileError, DatasetLayoutError, SubjectMismatchError
 from fmrirecon.io import library_versions, read_json, write_json_atomic
 
 __all__ = [
@@ -271,8 +271,7 @@ class ReconMethod(abc.ABC):
 
     @classmethod
     def read_run_config(cls, run_dir: str | os.PathLike) -> Any:
-        """The ``Config`` stored in ``RUN/config.json`` (a finished run's files are checked first)."""
-        check_run_files(run_dir)
+        """The ``Config`` stored in ``RUN/config.json``."""
         info = read_run(run_dir)
         if info["method"] != cls.name:
             raise ConfigError(f"run {run_dir} was trained with method '{info['method']}', not '{cls.name}'")
@@ -473,7 +472,6 @@ def check_init_run(
         SubjectMismatchError: it was trained on other stores than ``data``'s primary store, or (``holds_out``)
             on one of ``data``'s subjects.
     """
-    check_run_files(init_dir)
     info = read_run(init_dir)
     if info.get("method") != method:
         raise ConfigError(
@@ -501,14 +499,19 @@ def check_init_run(
 
 
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """``RUN/run.json`` (method, subject, store, store_fingerprint, seed, versions)."""
+    """``RUN/run.json`` (method, subject, store, store_fingerprint, seed, versions); a finished run's files
+    are checked against the digests in its ``done.json`` first (CorruptFileError)."""
     run_file = Path(run_dir) / "run.json"
     if not run_file.is_file() or not (Path(run_dir) / "config.json").is_file():
         raise DatasetLayoutError(
             f"{run_dir} is not a fmrirecon run dir: expected run.json and config.json "
             "(written by fmrirecon train)"
         )
-    return read_json(run_file)
+    check_run_files(run_dir)
+    try:
+        return read_json(run_file)
+    except ValueError as err:
+        raise CorruptFileError(f"{run_file} is not valid JSON ({err}); the run folder is damaged") from err
 
 
 def check_run_store(run_dir: str | os.PathLike, store_path: str | os.PathLike) -> dict[str, Any]:
