@@ -108,3 +108,46 @@ def test_device_metrics_compute_on_the_requested_device(device, monkeypatch):
     np.testing.assert_allclose(r, M.pixcorr(recons, truths), atol=1e-9, rtol=0)
     with pytest.raises(ValueError, match="same image count"):
         DM.pixcorr(recons[:1], truths, device=device)
+
+
+def test_suite_with_loader_workers_gives_the_same_scores_and_numpy_pixel_metrics(tmp_path):
+    """Decoding and resizing in 2 DataLoader workers change nothing; the suite's PixCorr / SSIM (device
+    metrics) equal metrics.pixcorr / metrics.ssim on the same prepared images."""
+    import json
+
+    from PIL import Image
+
+    from fmrirecon.evaluation.presets import get_preset
+    from fmrirecon.evaluation.suite import _Prepared, evaluate_reconstructions
+
+    rng = np.random.default_rng(0)
+    ids = np.arange(100, 109)
+    truth_dir, recon_dir = tmp_path / "truth", tmp_path / "recon"
+    (recon_dir / "images").mkdir(parents=True)
+    truth_dir.mkdir()
+    truths = rng.integers(0, 256, size=(len(ids), 40, 40, 3), dtype=np.uint8)
+    recons = np.clip(truths + rng.integers(-80, 80, size=truths.shape), 0, 255).astype(np.uint8)
+    for i, t, r in zip(ids, truths, recons):
+        Image.fromarray(t).save(truth_dir / f"{i}.png")
+        Image.fromarray(r).save(recon_dir / "images" / f"{i}_0.png")
+    manifest = {"method": "ridge", "subject": 1, "variant": "test", "ids": ids.tolist(), "samples": 1}
+    (recon_dir / "manifest.json").write_text(json.dumps(manifest))
+    preset = get_preset("mindeye")
+    kw = dict(extractors={net: _NoFeatures() for net in preset.networks}, batch_size=4, progress=False)
+    inline = evaluate_reconstructions(recon_dir, truth_dir, preset, loader_workers=0, **kw)
+    workers = evaluate_reconstructions(recon_dir, truth_dir, preset, loader_workers=2, **kw)
+    a, b = inline["results"][0], workers["results"][0]
+    assert a["metrics"]["pixcorr"] == b["metrics"]["pixcorr"] and a["metrics"]["ssim"] == b["metrics"]["ssim"]
+    r_pix, t_pix = (_Prepared(x, preset, (40, 40)).pixel.numpy() for x in (recons, truths))
+    assert abs(a["metrics"]["pixcorr"] - M.pixcorr(r_pix, t_pix).mean()) < 1e-6
+    gray = [M.rgb_to_gray(x.transpose(0, 2, 3, 1)) for x in (r_pix, t_pix)]
+    assert abs(a["metrics"]["ssim"] - M.ssim(*gray, "2d").mean()) < 1e-6
+
+
+class _NoFeatures:
+    """A feature extractor with no nodes (the pixel metrics alone are under test)."""
+
+    weights = "none (test)"
+
+    def __call__(self, images):
+        return {}

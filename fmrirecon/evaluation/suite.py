@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fmrirecon.errors import EvaluationInputError, FmriReconError, WeightsUnavailableError
+from fmrirecon.evaluation import device_metrics as DM
 from fmrirecon.evaluation import metrics as M
 from fmrirecon.evaluation.features import FeatureExtractor, load_extractor, resize_tensor, to_float_tensor
 from fmrirecon.evaluation.io import ReconSet, Truth, read_recon_dir
@@ -53,6 +54,30 @@ class _Prepared:
     def network_input(self, preset: Preset, network: str) -> torch.Tensor:
         pre = preset.networks[network]
         return pre.apply(self.uint8 if pre.backend == "pil" else self.common)
+
+
+class _PreparedBatches(torch.utils.data.Dataset):
+    """Batch ``b`` of reconstruction sample ``sample``: ``(start, uint8 recons, prepared recons, prepared
+    truths)``, PNG decoding and resizing included, so that a DataLoader's workers do them while the
+    networks run (issue 21)."""
+
+    def __init__(self, recon: ReconSet, truth: Truth, preset: Preset, sample: int, batch_size: int, hw):
+        self.recon, self.truth, self.preset, self.sample = recon, truth, preset, sample
+        self.batch_size, self.hw = batch_size, hw
+
+    def __len__(self) -> int:
+        return -(-len(self.recon.ids) // self.batch_size)
+
+    def __getitem__(self, b: int):
+        index = slice(b * self.batch_size, (b + 1) * self.batch_size)
+        recon_batch = self.recon.load_images(index, self.sample)
+        truth_batch = self.truth.images(self.recon.ids[index])
+        prepared = (_Prepared(x, self.preset, self.hw) for x in (recon_batch, truth_batch))
+        return (index.start, recon_batch, *prepared)
+
+
+def _as_is(item):
+    return item
 
 
 def _resize_hw(x: torch.Tensor, size, antialias: bool) -> torch.Tensor:
@@ -181,6 +206,8 @@ def _evaluate_recon(
     chunk_size,
     progress,
     unavailable,
+    device="cpu",
+    loader_workers: int = 0,
 ) -> dict:
     n, k_samples = len(recon.ids), recon.samples
     rows = np.array([truth_rows[int(i)] for i in recon.ids])
@@ -222,23 +249,26 @@ def _evaluate_recon(
                 "the evaluated ground-truth images; measured = repeat-averaged store betas",
             }
 
-    truth_hw = None
+    truth_hw = truth.images(recon.ids[:1]).shape[1:3]
     for k in range(k_samples):
         recon_feats = _FeatureBuffer(n)
-        starts = range(0, n, batch_size)
-        for start in tqdm(starts, desc=f"{recon.label} sample {k}", disable=not progress, leave=False):
+        batches = torch.utils.data.DataLoader(
+            _PreparedBatches(recon, truth, preset, k, batch_size, truth_hw),
+            batch_size=None,
+            num_workers=loader_workers,
+            collate_fn=_as_is,
+        )
+        for start, recon_batch, r_prep, t_prep in tqdm(
+            batches, desc=f"{recon.label} sample {k}", disable=not progress, leave=False
+        ):
             index = slice(start, start + batch_size)
             ids = recon.ids[index]
-            truth_batch = truth.images(ids)
-            truth_hw = truth_hw or truth_batch.shape[1:3]
-            recon_batch = recon.load_images(index, k)
-            r_prep = _Prepared(recon_batch, preset, truth_hw)
-            t_prep = _Prepared(truth_batch, preset, truth_hw)
-            r, undefined = M.pixcorr(r_prep.pixel.numpy(), t_prep.pixel.numpy(), return_undefined=True)
+            # PixCorr and SSIM on the device, equal to metrics.pixcorr / metrics.ssim (device_metrics)
+            r_pixel, t_pixel = r_prep.pixel.to(device), t_prep.pixel.to(device)
+            r, undefined = DM.pixcorr(r_pixel, t_pixel, return_undefined=True)
             image_scores("pixcorr", k, r, index, undefined)
-            gray_r = M.rgb_to_gray(r_prep.pixel.permute(0, 2, 3, 1).numpy())
-            gray_t = M.rgb_to_gray(t_prep.pixel.permute(0, 2, 3, 1).numpy())
-            image_scores("ssim", k, M.ssim(gray_r, gray_t, preset.ssim_variant), index)
+            gray_r, gray_t = DM.rgb_to_gray(r_pixel), DM.rgb_to_gray(t_pixel)
+            image_scores("ssim", k, DM.ssim(gray_r, gray_t, preset.ssim_variant), index)
             for net, extractor in extractors.items():
                 recon_feats.put(net, extractor(r_prep.network_input(preset, net)), start)
             if brain is not None:
@@ -401,6 +431,7 @@ def evaluate_reconstructions(
     extractors: Mapping[str, FeatureExtractor] | None = None,
     random_weights_for_testing: bool = False,
     progress: bool = True,
+    loader_workers: int = 0,
 ) -> dict:
     """Score reconstruction folders against ground truth with a preset; returns the ``metrics.json`` dict.
 
@@ -412,6 +443,8 @@ def evaluate_reconstructions(
         extractors: network -> ready extractor, bypassing weight loading (tests, benchmark).
         random_weights_for_testing: build networks with random weights (tests and benchmark only: the numbers
             mean nothing).
+        loader_workers: DataLoader worker processes that decode and resize the next batches while the
+            networks run (0: in this process, between batches).
 
     Returns:
         ``{"preset", "settings", "versions", "results": [{"method", "subject", "variant", "n_images",
@@ -465,6 +498,8 @@ def evaluate_reconstructions(
                 two_way_chunk_size,
                 progress,
                 per_recon_unavailable,
+                device,
+                loader_workers,
             )
         )
     for key, by_recon in per_recon_unavailable.items():
