@@ -13,7 +13,7 @@ import torch
 
 from fmrirecon.errors import ConfigError
 
-__all__ = ["DTYPES", "Precision", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "Precision", "autocast", "resolve_device", "resolve_dtype"]
 
 Precision = Literal["float32", "bfloat16", "float16"]
 DTYPES: dict[str, torch.dtype] = {
@@ -64,3 +64,10 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     if dtype == torch.float16 and torch.device(device).type == "cpu":
         raise ConfigError("precision float16 needs a GPU; use bfloat16 or float32 on the CPU")
     return dtype
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype):
+    """Autocast for the trained decoders (float32 weights, matmuls and convolutions in ``dtype``); off for
+    float32, so the float32 path is bit-identical to no context (issue 21: precision as a setting)."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
