@@ -103,8 +103,21 @@ def method_config(name: str, overrides=()):
     return cls, cls.config_from(path if path.is_file() else None, list(overrides))
 
 
-def fit(name: str, store, subject: int, run_dir: Path, overrides=(), seed: int = 0, backbones=None):
-    from fmrirecon.methods.base import init_run_dir
+def fit(
+    name: str,
+    store,
+    subjects,
+    run_dir: Path,
+    overrides=(),
+    seed: int = 0,
+    backbones=None,
+    stage: str = "target",
+    init_from: Path | None = None,
+):
+    """Train (or reload) one run of ``name`` on ``subjects``: ``stage="pretrain"`` (several subjects; returns
+    None as the method, a pretraining run does not reconstruct) or a ``target`` run, from ``init_from``."""
+    from fmrirecon.methods.base import RunData, init_run_dir, mark_done
+    from fmrirecon.runs import seed_everything
 
     cls, config = method_config(name, overrides)
 
@@ -112,20 +125,45 @@ def fit(name: str, store, subject: int, run_dir: Path, overrides=(), seed: int =
         # Share one set of loaded backbones (NeuralDiffuser: LDM + CLIP; ridge: the LDM).
         if backbones is not None:
             if name == "ridge":
-                method._backbone = backbones[0]
+                method._injected = backbones[0]
             else:
                 method._backbones = backbones
         return method
 
-    if (run_dir / "done.json").is_file():
-        return attach(cls.load(run_dir)), 0.0
-    init_run_dir(run_dir, method=name, config=config, subject=subject, store_path=store.path, seed=seed)
+    done = run_dir / "done.json"
+    if done.is_file():
+        seconds = json.loads(done.read_text()).get("seconds", 0.0)
+        return (attach(cls.load(run_dir)) if stage != "pretrain" else None), seconds
+    data = RunData((store,), subjects, stage, init_from)
+    init_run_dir(run_dir, method=name, config=config, data=data, seed=seed)
+    seed_everything(seed)
     method = attach(cls(config))
     t0 = time.perf_counter()
-    method.fit(store, subject, run_dir, seed=seed)
+    method.fit(data, run_dir, seed=seed)
     seconds = time.perf_counter() - t0
-    write_json_atomic(run_dir / "done.json", {"seconds": seconds})
-    return method, seconds
+    mark_done(run_dir, stage=stage, subjects=list(data.subjects), seconds=seconds)
+    return (method if stage != "pretrain" else None), seconds
+
+
+def fit_neuraldiffuser(
+    store, subject: int, out: Path, name: str, overrides=(), seed: int = 0, backbones=None
+):
+    """The paper's protocol (§4.2.3) as two runs: a leave-the-target-out ``pretrain`` run on the store's other
+    subjects (when ``training.pretrain`` is on and there are any), then the ``target`` run from it. Returns
+    ``(method, seconds of both runs)``."""
+    _, config = method_config("neuraldiffuser", overrides)
+    others = [s for s in store.subjects if s != subject]
+    init, pre_seconds = None, 0.0
+    if config.training.pretrain and others:
+        init = out / f"{name}_pretrain"
+        _, pre_seconds = fit(
+            "neuraldiffuser", store, others, init, overrides, seed, backbones, stage="pretrain"
+        )
+    overrides = list(overrides) + ([] if init is not None else ["training.pretrain=false"])
+    method, seconds = fit(
+        "neuraldiffuser", store, [subject], out / name, overrides, seed, backbones, init_from=init
+    )
+    return method, pre_seconds + seconds
 
 
 # %% metrics
@@ -263,7 +301,7 @@ def fullsize_step_timing(
         settings = ReconstructionSettings(
             num_steps=1,
             strength=1.0,
-            guidance_scale=kappa,
+            feature_guidance_scale=kappa,
             guidance_strength=1.0,
             sag_scale=sag_scale,
             guidance_precision=precision,
@@ -358,7 +396,9 @@ def main(argv=None) -> int:
     from fmrirecon.data.store import PreparedStore
 
     store = PreparedStore(args.store) if args.store else world_store(out, n_unique=args.world_unique)
-    from fmrirecon.methods.neuraldiffuser import load_backbones
+    from dataclasses import replace
+
+    from fmrirecon.backbones.loader import load_clip, load_latent_diffusion
 
     _, world_cfg = method_config("neuraldiffuser", args.overrides)
     if args.weights_dir:
@@ -366,28 +406,21 @@ def main(argv=None) -> int:
 
         clip, ld = load_world_backbones(args.weights_dir)
     else:
-        ld, clip = load_backbones(world_cfg)
+        ld, clip = load_latent_diffusion(world_cfg.diffusion), load_clip(world_cfg.clip)
+
+    # Reconstruction settings may be overridden on a trained run (κ, η, steps; not the decoders).
+    settings = world_cfg.reconstruction
+
+    def with_settings(**changes):
+        return replace(settings, **changes)
 
     for subject in args.subjects:
         key = f"subj{subject:02d}"
         res = results.setdefault(key, {})
-        nd, nd_seconds = fit(
-            "neuraldiffuser", store, subject, out / "runs" / f"nd_{key}", args.overrides, backbones=(ld, clip)
+        nd, nd_seconds = fit_neuraldiffuser(
+            store, subject, out / "runs", f"nd_{key}", args.overrides, backbones=(ld, clip)
         )
         nd._backbones = (ld, clip)
-        # Inference-only settings may be overridden on a trained run (κ, η, steps; not the decoders).
-        inference = (
-            "guidance_scale",
-            "guidance_strength",
-            "num_steps",
-            "strength",
-            "cfg_scale",
-            "sag_scale",
-            "guidance_precision",
-            "prior_sample_steps",
-        )
-        for name in inference:
-            setattr(nd.config, name, getattr(world_cfg, name))
         res.setdefault("fit_seconds", {})["neuraldiffuser"] = (
             res.get("fit_seconds", {}).get("neuraldiffuser", nd_seconds) or nd_seconds
         )
@@ -395,22 +428,26 @@ def main(argv=None) -> int:
 
         if "metrics" in args.only:
             ridge, ridge_seconds = fit(
-                "ridge", store, subject, out / "runs" / f"ridge_{key}", backbones=(ld, clip)
+                "ridge", store, [subject], out / "runs" / f"ridge_{key}", backbones=(ld, clip)
             )
             res["fit_seconds"]["ridge"] = ridge_seconds or res["fit_seconds"].get("ridge", 0.0)
             rows, per_image = {}, {}
             for variant in ("guided", "unguided"):
                 t0 = time.perf_counter()
-                recons = nd.reconstruct(betas, samples=args.samples, seed=0, variant=variant)
+                recons = nd.reconstruct(
+                    betas, samples=args.samples, seed=0, variant=variant, settings=settings
+                )
                 per_image[variant] = {}
                 rows[variant] = image_metrics(recons, truths, clip, per_image[variant]) | {
                     "seconds": time.perf_counter() - t0
                 }
                 np.save(out / f"recons_{key}_{variant}.npy", recons)
             # The other guidance precision (bfloat16 = VAE decode under autocast), same seeds.
-            other = "bfloat16" if nd.config.guidance_precision == "float32" else "float32"
+            other = "bfloat16" if settings.guidance_precision == "float32" else "float32"
             t0 = time.perf_counter()
-            recons = nd.reconstruct(betas, samples=args.samples, seed=0, guidance_precision=other)
+            recons = nd.reconstruct(
+                betas, samples=args.samples, seed=0, settings=with_settings(guidance_precision=other)
+            )
             rows[f"guided, {other} guidance"] = image_metrics(recons, truths, clip) | {
                 "seconds": time.perf_counter() - t0
             }
@@ -437,8 +474,7 @@ def main(argv=None) -> int:
                     samples=1,
                     seed=0,
                     variant="guided",
-                    guidance_scale=kappa,
-                    guidance_strength=eta,
+                    settings=with_settings(feature_guidance_scale=kappa, guidance_strength=eta),
                 )
                 sweep.append({"kappa": kappa, "eta": eta} | image_metrics(recons, truths[:m], clip))
                 print(key, sweep[-1])
@@ -452,7 +488,7 @@ def main(argv=None) -> int:
             rows = {}
             for sag_scale in (0.0, 0.75):
                 for variant in ("guided", "unguided"):
-                    kw = dict(samples=1, seed=0, variant=variant, sag_scale=sag_scale)
+                    kw = dict(samples=1, seed=0, variant=variant, settings=with_settings(sag_scale=sag_scale))
                     recons = nd.reconstruct(betas[:m], **kw)
                     rows[f"{variant} sag {sag_scale:g}"] = image_metrics(recons, truths[:m], clip)
             res["sag"] = rows
@@ -465,7 +501,7 @@ def main(argv=None) -> int:
             m = args.sweep_images
             cons = {}
             for variant in ("guided", "unguided"):
-                recons = nd.reconstruct(betas[:m], samples=5, seed=1, variant=variant)
+                recons = nd.reconstruct(betas[:m], samples=5, seed=1, variant=variant, settings=settings)
                 images = torch.from_numpy(recons).permute(0, 1, 4, 2, 3).float() / 255
                 cons[variant] = mean_pairwise_similarity(images)
             res["consistency"] = cons
@@ -475,9 +511,10 @@ def main(argv=None) -> int:
         if "select" in args.only:
             rows = {}
             for variant in ("guided", "unguided"):
-                recons = nd.reconstruct(betas, samples=5, seed=0, variant=variant)
+                recons = nd.reconstruct(betas, samples=5, seed=0, variant=variant, settings=settings)
                 rows[f"{variant}, mean of 5"] = image_metrics(recons, truths, clip)
-                rows[f"{variant}, selected of 5"] = image_metrics(nd.select_best(betas, recons), truths, clip)
+                best = nd.select_best(betas, recons, settings=settings)
+                rows[f"{variant}, selected of 5"] = image_metrics(best, truths, clip)
             res["select"] = rows
             save_results(out, results)
             print(key, json.dumps(rows, indent=1))
@@ -502,7 +539,7 @@ def main(argv=None) -> int:
             # The paper's protocol: the same epochs whatever the data (15 epochs of 3 sessions are ~100
             # steps). --transfer-equal-steps scales them by sessions / quarter, so both arms take as many
             # fine-tuning steps as the full-data fine-tuning: the comparison nearer convergence.
-            epochs = world_cfg.finetune_train.epochs
+            epochs = world_cfg.training.finetune_train.epochs
             if args.transfer_equal_steps:
                 epochs = round(epochs * sessions / quarter)
             suffix = ("_equal_steps" if args.transfer_equal_steps else "") + (
@@ -512,13 +549,13 @@ def main(argv=None) -> int:
             for label, pretrain in (("pretrain+finetune", True), ("target only", False)):
                 over = [
                     *args.overrides,
-                    f"target_sessions={quarter}",
-                    f"pretrain={str(pretrain).lower()}",
-                    f"finetune_train.epochs={epochs}",
+                    f"training.target_sessions={quarter}",
+                    f"training.pretrain={str(pretrain).lower()}",
+                    f"training.finetune_train.epochs={epochs}",
                 ]
-                run = out / "runs" / f"transfer_{'pre' if pretrain else 'only'}_{key}{suffix}"
-                method, _ = fit(
-                    "neuraldiffuser", store, subject, run, over, seed=args.transfer_seed, backbones=(ld, clip)
+                run = f"transfer_{'pre' if pretrain else 'only'}_{key}{suffix}"
+                method, _ = fit_neuraldiffuser(
+                    store, subject, out / "runs", run, over, seed=args.transfer_seed, backbones=(ld, clip)
                 )
                 method._backbones = (ld, clip)
                 per_image[label] = {}
@@ -541,15 +578,17 @@ def main(argv=None) -> int:
             # Interleaved repeats, best of 3 (wall and CPU), per SAG setting; samples=1 and the demo's 2.
             m = min(4, len(betas))
             times = {}
-            for sag_scale in sorted({nd.config.sag_scale, 0.0}):
+            for sag_scale in sorted({settings.sag_scale, 0.0}):
                 for samples in (1, 2):
                     label = f"sag {sag_scale:g}, {samples} sample(s)"
                     best = {}
                     runs = (("unguided", "float32"), ("guided", "float32"), ("guided", "bfloat16"))
                     for variant, precision in runs * 4:
                         t0, c0 = time.perf_counter(), time.process_time()
-                        kw = dict(samples=samples, seed=0, variant=variant, sag_scale=sag_scale)
-                        nd.reconstruct(betas[:m], guidance_precision=precision, **kw)
+                        run_settings = with_settings(sag_scale=sag_scale, guidance_precision=precision)
+                        nd.reconstruct(
+                            betas[:m], samples=samples, seed=0, variant=variant, settings=run_settings
+                        )
                         wall, cpu = (time.perf_counter() - t0) / m, (time.process_time() - c0) / m
                         old = best.get((variant, precision), (np.inf, np.inf))
                         # best of 4; the first warms up
