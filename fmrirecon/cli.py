@@ -16,7 +16,9 @@ import sys
 from fmrirecon import __version__
 from fmrirecon.errors import FmriReconError
 
-COMMANDS = ("demo", "world", "prepare", "store", "backbones", "train", "reconstruct", "evaluate", "report")
+COMMANDS = (
+    "demo", "world", "prepare", "store", "backbones", "train", "reconstruct", "evaluate", "analyze", "report",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

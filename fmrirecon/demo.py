@@ -18,6 +18,7 @@ Output folder::
 
     DIR/runs/<method>/subjXX/               target run dirs (config.json, run.json, <stage>/metrics.jsonl)
     DIR/runs/<method>/pretrain/             the method's pretraining run, when it has one
+    DIR/runs/<method>/subjXX/analyses/<a>/  the analyses the method declares (JSON, PNG, NIfTI)
     DIR/recon/<method>/<variant>/subjXX/    reconstruction folders (manifest.json, images/<id73k>_<k>.png)
     DIR/metrics.json  DIR/report.html  DIR/demo.json (profile, timings, skipped)
 
@@ -252,6 +253,13 @@ def evaluate(recon_dirs: list[Path], store_dir: Path, preset: str, device="cpu")
     return evaluate_runs(recon_dirs, store_dir, preset, device=device)
 
 
+def analyze(name: str, run_dir: Path, store_dir: Path, device="cpu") -> Path:
+    """:func:`fmrirecon.runs.analyze_run` into ``RUN/analyses/<name>``."""
+    from fmrirecon.runs import analyze_run
+
+    return analyze_run(name, run_dir, store_dir, device=device)
+
+
 def available_methods() -> list[str]:
     from fmrirecon.methods import available_methods as registry
 
@@ -271,6 +279,7 @@ class DemoStages:
     train_method: Callable[..., Any] = train_method
     reconstruct_test_set: Callable[..., list[Path]] = reconstruct_test_set
     evaluate: Callable[..., dict[str, Any]] = evaluate
+    analyze: Callable[..., Path] = analyze
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -407,6 +416,12 @@ def run_demo(
                     method, store, store_dir, subject, out / "recon" / name, profile, seed
                 )
                 timings[f"reconstruct/{name}/subj{subject:02d}"] = time.perf_counter() - t
+                for (
+                    analysis
+                ) in method_cls.capabilities.analyses:  # written next to the run: the report shows it
+                    t = stage(f"analyze {name}", f"{analysis} of subj{subject:02d}")
+                    stages.analyze(analysis, run_dir, store_dir, device)
+                    timings[f"analyze/{name}/{analysis}/subj{subject:02d}"] = time.perf_counter() - t
             except Exception as err:  # one broken method must not hide the others' results
                 logger.debug("demo: %s failed\n%s", name, traceback.format_exc())
                 outcome.failed = True

@@ -10,6 +10,7 @@ One place decides how a step seeds, which device it runs on and what it writes, 
 - :func:`reconstruct_run`: repeat-averaged betas of a split → ``method.reconstruct`` (+ second-order
   selection, retrieval embeddings where the method declares them) → a reconstruction folder.
 - :func:`evaluate_runs`, :func:`report_runs`: the evaluation suite and the HTML report.
+- :func:`analyze_run`: a registered analysis (:mod:`fmrirecon.analysis`) of a run.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CONFIG_DIR",
+    "analyze_run",
     "evaluate_runs",
     "load_run",
     "method_config",
@@ -215,3 +217,35 @@ def report_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike, **
     from fmrirecon.report import build_report
 
     return build_report(list(sources), out, **kwargs)
+
+
+def analyze_run(
+    name: str,
+    run_dir: str | os.PathLike,
+    store_path: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    settings=(),
+    seed: int = 0,
+    device="auto",
+) -> Path:
+    """Run the registered analysis ``name`` on ``run_dir`` (checked against ``store_path``) and write its
+    folder (default ``RUN/analyses/<name>``); see :mod:`fmrirecon.analysis`."""
+    from fmrirecon.analysis import get_analysis, write_analysis
+    from fmrirecon.config import apply_overrides
+    from fmrirecon.data.store import PreparedStore
+    from fmrirecon.device import resolve_device
+
+    analysis_cls = get_analysis(name)
+    config = apply_overrides(analysis_cls.Config(), list(settings)) if settings else analysis_cls.Config()
+    analysis = analysis_cls(config)
+    device = resolve_device(device)
+    info = check_run_store(run_dir, store_path)
+    store = PreparedStore(store_path)
+    seed_everything(seed)
+    result = analysis.run(Path(run_dir), info, store, device=device, seed=seed)
+    out = Path(out) if out is not None else Path(run_dir) / "analyses" / name
+    subject_store = store.subject(info["subject"]) if info.get("subject") is not None else None
+    return write_analysis(
+        out, analysis, result, run_dir=Path(run_dir), run_info=info, subject_store=subject_store
+    )

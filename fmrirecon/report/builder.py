@@ -222,6 +222,19 @@ def _run_section(run: RunInfo) -> dict[str, Any]:
     }
 
 
+def _analysis_section(analysis) -> dict[str, Any]:
+    results = analysis.doc.get("results", {})
+    return {
+        "label": f"{analysis.name} · {analysis.method or '—'} {_subject_label(analysis.subject)}",
+        "description": analysis.doc.get("description", ""),
+        "path": str(analysis.path),
+        "figures": [_data_uri(p.read_bytes()) for p in analysis.figures],
+        "volumes": [str(p) for p in analysis.volumes],
+        "results": _pretty_json(results),
+        "settings": _pretty_json(analysis.doc.get("settings", {})),
+    }
+
+
 def render_report(
     inputs: ReportInputs,
     *,
@@ -249,7 +262,8 @@ def render_report(
     subjects = sorted(
         {r["subject"] for r in results}
         | {r.subject for r in inputs.recons}
-        | {r.subject for r in inputs.runs},
+        | {r.subject for r in inputs.runs}
+        | {a.subject for a in inputs.analyses},
         key=lambda s: (s is None, s or 0),
     )
     sections = []
@@ -272,6 +286,11 @@ def render_report(
                 "metrics": _metric_section(subject_results),
                 "paired": _paired_section(subject_results),
                 "runs": [_run_section(r) for r in runs],
+                "analyses": [
+                    _analysis_section(a)
+                    for a in sorted(inputs.analyses, key=lambda a: (a.name, a.method or "", str(a.path)))
+                    if a.subject == subject
+                ],
             }
         )
 

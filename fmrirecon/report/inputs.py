@@ -66,6 +66,25 @@ class RunInfo:
 
 
 @dataclass
+class AnalysisFolder:
+    """An analysis folder (``fmrirecon analyze``): ``analysis.json``, PNG figures, NIfTI volumes."""
+
+    path: Path
+    name: str
+    method: str | None
+    subject: int | None
+    doc: dict[str, Any]
+
+    @property
+    def figures(self) -> list[Path]:
+        return [self.path / name for name in self.doc.get("figures", []) if (self.path / name).is_file()]
+
+    @property
+    def volumes(self) -> list[Path]:
+        return [self.path / name for name in self.doc.get("volumes", [])]
+
+
+@dataclass
 class ReconFolder:
     """A reconstruction folder: ``images[id73k] = [png path for k = 0..K-1]``."""
 
@@ -88,6 +107,7 @@ class ReportInputs:
     evaluations: list[EvaluationFile] = field(default_factory=list)
     runs: list[RunInfo] = field(default_factory=list)
     recons: list[ReconFolder] = field(default_factory=list)
+    analyses: list[AnalysisFolder] = field(default_factory=list)
 
     def add_recon(self, recon: ReconFolder) -> None:
         known = {r.path.resolve() for r in self.recons}
@@ -256,7 +276,19 @@ def collect_inputs(
     seen_runs: set[Path] = set()
 
     def add_file(path: Path) -> None:
-        if path.name == "run.json":
+        if path.name == "analysis.json":
+            if path.parent.resolve() not in {a.path.resolve() for a in inputs.analyses}:
+                doc = read_json(path)
+                inputs.analyses.append(
+                    AnalysisFolder(
+                        path.parent,
+                        doc.get("analysis", path.parent.name),
+                        doc.get("method"),
+                        _subject_int(doc.get("subject")),
+                        doc,
+                    )  # fmt: skip
+                )
+        elif path.name == "run.json":
             if path.parent.resolve() not in seen_runs:
                 seen_runs.add(path.parent.resolve())
                 inputs.runs.append(load_run(path.parent))
@@ -283,10 +315,15 @@ def collect_inputs(
                 for p in source.rglob(name)
                 if p.is_file()
             )
-            before = (len(inputs.evaluations), len(inputs.runs), len(inputs.recons))
+            before = (len(inputs.evaluations), len(inputs.runs), len(inputs.recons), len(inputs.analyses))
             for path in dict.fromkeys(found):
                 add_file(path)
-            if (len(inputs.evaluations), len(inputs.runs), len(inputs.recons)) == before:
+            if (
+                len(inputs.evaluations),
+                len(inputs.runs),
+                len(inputs.recons),
+                len(inputs.analyses),
+            ) == before:
                 raise EvaluationInputError(
                     f"{source} holds no metrics.json, run directory (run.json) or reconstruction folder "
                     "(manifest.json + images/)"
