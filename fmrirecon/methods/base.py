@@ -83,6 +83,7 @@ class Capabilities:
         second_order_selection: :meth:`ReconMethod.select_best` keeps the best of K samples.
         retrieval_embeddings: :meth:`ReconMethod.brain_embeddings` / ``image_embeddings`` share a space.
         analyses: names in :mod:`fmrirecon.analysis` meant for this method's runs (besides the generic ones).
+        baseline: the method is a baseline: the report's paired table compares the other methods with it.
     """
 
     variants: tuple[str, ...] = ("default",)
@@ -92,6 +93,7 @@ class Capabilities:
     second_order_selection: bool = False
     retrieval_embeddings: bool = False
     analyses: tuple[str, ...] = ()
+    baseline: bool = False
 
 
 class RunData:

@@ -167,12 +167,31 @@ def _metric_section(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def _paired_section(results: list[dict[str, Any]], reference_method: str = "ridge") -> dict[str, Any] | None:
-    """Each result minus the reference method's, per image (:mod:`fmrirecon.evaluation.compare`), for one
-    subject and only within the reference's preset (other presets score differently); ``None`` without a
-    reference or per-image scores."""
+def baseline_method(results: list[dict[str, Any]]) -> str | None:
+    """The first method (by name) among ``results`` whose registered class declares itself a baseline
+    (``Capabilities.baseline``); methods that are not registered or do not import count as no baseline."""
+    from fmrirecon.methods import get_method
+
+    for name in sorted({r["method"] for r in results}):
+        try:
+            if get_method(name).capabilities.baseline:
+                return name
+        except Exception:  # an unimportable method is reported elsewhere; it is just not a baseline
+            continue
+    return None
+
+
+def _paired_section(
+    results: list[dict[str, Any]], reference_method: str | None = None
+) -> dict[str, Any] | None:
+    """Each result minus the reference method's (default: the declared baseline, :func:`baseline_method`), per
+    image (:mod:`fmrirecon.evaluation.compare`), for one subject and only within the reference's preset (other
+    presets score differently); ``None`` without a reference or per-image scores."""
     from fmrirecon.evaluation.compare import find_reference, paired_difference
 
+    reference_method = reference_method or baseline_method(results)
+    if reference_method is None:
+        return None
     reference = find_reference(results, reference_method)
     if reference is None or "per_image" not in reference:
         return None

@@ -116,7 +116,7 @@ class RidgeMethod(ReconMethod):
     name = "ridge"
     Config = RidgeConfig
     Settings = RidgeReconstruction
-    capabilities = Capabilities(variants=("img2img", "latent"), analyses=("encoding_map",))
+    capabilities = Capabilities(variants=("img2img", "latent"), analyses=("encoding_map",), baseline=True)
 
     def __init__(self, config: RidgeConfig | None = None, *, backbone=None):
         super().__init__(config)
