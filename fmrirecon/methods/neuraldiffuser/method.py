@@ -116,33 +116,33 @@ class NeuralDiffuser(ReconMethod):
     def __init__(self, config: NeuralDiffuserMethodConfig | None = None):
         super().__init__(config)
         self.model: NeuralDiffuserModel | None = None
-        self._backbones = None
+        self._backbones = None  # set only to bypass the loader (test doubles); then used as they are
 
     def uses_pretraining(self) -> bool:
         return self.config.training.pretrain
 
     # ------------------------------------------------------------------------------------------ backbones
-    def backbones(self):
-        """``(LatentDiffusion, ClipEmbedder)`` named by the config, on this method's device (shared
-        loader)."""
-        if self._backbones is None:
-            from fmrirecon.backbones.loader import load_clip, load_latent_diffusion
+    def backbones(self, precision: str = "float32"):
+        """``(LatentDiffusion, ClipEmbedder)`` named by the config, on this method's device with weights in
+        ``precision`` (the shared loader keeps one copy per device and dtype)."""
+        from fmrirecon.backbones.loader import load_clip, load_latent_diffusion
+        from fmrirecon.device import resolve_dtype
 
-            self._backbones = (
-                load_latent_diffusion(self.config.diffusion, self.device),
-                load_clip(self.config.clip, self.device),
-            )
-        return self._backbones
+        dtype = resolve_dtype(precision, self.device)
+        if self._backbones is not None:
+            return self._backbones
+        return (
+            load_latent_diffusion(self.config.diffusion, self.device, dtype),
+            load_clip(self.config.clip, self.device, dtype),
+        )
 
     def to(self, device) -> NeuralDiffuser:
         super().to(device)
         if self.model is not None:
             self.model.to(self.device)
-        self._backbones = None if self._backbones is None or self._on_device() is False else self._backbones
+        if self._backbones is not None and self._backbones[0].device.type != self.device.type:
+            self._backbones = None
         return self
-
-    def _on_device(self) -> bool:
-        return self._backbones is not None and self._backbones[0].device.type == self.device.type
 
     def model_config(self, voxel_counts: dict[int, int], text_shape, guidance_shape, latent_shape):
         return NeuralDiffuserConfig(
@@ -158,12 +158,8 @@ class NeuralDiffuser(ReconMethod):
     def fit(self, data: RunData, run_dir: str | os.PathLike, *, seed: int = 0) -> None:
         """``pretrain``: every decoder on ``data.subjects`` (each with its own voxel encoder); ``target``: the
         one target subject, starting from ``data.init_from`` when given (§4.2.3)."""
-        from fmrirecon.methods.neuraldiffuser.train import (
-            DecoderDataset,
-            cached_targets,
-            collate,
-            training_rows,
-        )
+        from fmrirecon.data.multisubject import MultiSubjectTrials, collate_subjects
+        from fmrirecon.methods.neuraldiffuser.train import cached_targets, training_rows
         from fmrirecon.train.stages import run_stage
 
         self.check_run_data(data)
@@ -217,7 +213,7 @@ class NeuralDiffuser(ReconMethod):
             if name in pretrained:
                 missing, unexpected = decoder.load_state_dict(pretrained[name], strict=False)
                 assert not unexpected and all(k.startswith("voxel_encoders.") for k in missing)
-            dataset = DecoderDataset(dataset_parts, decoder_target, targets["ids"].numpy())
+            dataset = MultiSubjectTrials(dataset_parts, decoder_target, targets["ids"].numpy())
             run_stage(
                 decoder,
                 dataset,
@@ -227,7 +223,7 @@ class NeuralDiffuser(ReconMethod):
                 train.batch_size,
                 seed,
                 run_config,
-                collate_fn=collate,
+                collate_fn=collate_subjects,
             )
             if model is not None:
                 model.decoder(name).load_state_dict(decoder.state_dict())
@@ -321,9 +317,22 @@ class NeuralDiffuser(ReconMethod):
 
     @torch.no_grad()
     def decode(
-        self, betas: np.ndarray, seed: int = 0, guided: bool = True, use_prior: bool | None = None
+        self,
+        betas: np.ndarray,
+        seed: int = 0,
+        guided: bool = True,
+        use_prior: bool | None = None,
+        precision: str = "float32",
     ) -> dict[str, torch.Tensor]:
-        """Decoded embeddings: ``text (N, L, D)``, aligned ``latent (N, C, h, w)``, ``layer<l> (N, T, W)``."""
+        """Decoded embeddings on the method's device, float32: ``text (N, L, D)``, aligned
+        ``latent (N, C, h, w)``, ``layer<l> (N, T, W)``; the decoders run under autocast in ``precision``."""
+        from fmrirecon.device import autocast, resolve_dtype
+
+        with autocast(self.device, resolve_dtype(precision, self.device)):
+            out = self._decode(betas, seed, guided, use_prior)
+        return {k: v.float() for k, v in out.items()}
+
+    def _decode(self, betas, seed, guided, use_prior) -> dict[str, torch.Tensor]:
         model = self._require_model()
         x = torch.from_numpy(self.check_betas(betas)).to(self.device)
         s = self.subject
@@ -358,8 +367,10 @@ class NeuralDiffuser(ReconMethod):
         variant = self.resolve_variant(variant)
         settings = self.settings_for(variant, settings)
         guided = settings.feature_guidance_scale != 0
-        decoded = self.decode(betas, seed, guided=guided, use_prior=settings.use_prior)
-        ld, clip = self.backbones()
+        decoded = self.decode(
+            betas, seed, guided=guided, use_prior=settings.use_prior, precision=settings.precision
+        )
+        ld, clip = self.backbones(settings.precision)
         layers = tuple(self.config.guidance_layers)
         images = reconstruct_images(
             ld,

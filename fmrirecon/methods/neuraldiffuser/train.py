@@ -9,7 +9,7 @@ backbones and settings they came from.
 Each decoder (``semantic``, ``guidance.layer<l>``, ``latent``) trains as a resumable stage of the shared
 stage runner (:func:`fmrirecon.train.stages.run_stage`): ``pretrain-<decoder>`` in a pretraining run (other
 subjects, each with its own voxel encoder), ``finetune-<decoder>`` in a target run (the target's voxel encoder
-plus the shared mapping, from the pretraining run). :func:`collate` builds the mixed-subject batches.
+plus the shared mapping, from the pretraining run). Mixed-subject batches: :mod:`fmrirecon.data.multisubject`.
 The target's training trials can be limited to its first ``target_sessions`` sessions.
 """
 
@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import Dataset
 
 from fmrirecon.errors import ConfigError
 from fmrirecon.io import save_safetensors_atomic
@@ -118,38 +117,3 @@ def training_rows(subject_store, max_sessions: int | None = None) -> np.ndarray:
             f"subj{subject_store.subject:02d} has no training trials (max_sessions={max_sessions})"
         )
     return rows
-
-
-class DecoderDataset(Dataset):
-    """Single-trial betas of one or more subjects paired with one target tensor per trial.
-
-    Items: ``{"betas": float32 (V_s,), "subject": int, "target": tensor}``; deterministic per index.
-    """
-
-    def __init__(self, parts: list[tuple[int, np.ndarray, np.ndarray]], targets: torch.Tensor, target_ids):
-        """``parts``: ``(subject, betas (T_s, V_s), image ids (T_s,))``; ``targets`` rows follow
-        ``target_ids``."""
-        index = {int(i): r for r, i in enumerate(np.asarray(target_ids))}
-        self.items = []
-        for subject, betas, ids in parts:
-            rows = np.array([index[int(i)] for i in ids])
-            self.items += [(subject, betas, k, rows[k]) for k in range(len(ids))]
-        self.targets = targets
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        subject, betas, k, row = self.items[i]
-        return {"betas": torch.from_numpy(betas[k]), "subject": subject, "target": self.targets[row]}
-
-
-def collate(items: list[dict]) -> dict:
-    """Stack a batch; betas stay a list when subjects with different voxel counts are mixed."""
-    lengths = {len(it["betas"]) for it in items}
-    betas = [it["betas"] for it in items]
-    return {
-        "betas": torch.stack(betas) if len(lengths) == 1 else betas,
-        "subject": torch.tensor([it["subject"] for it in items]),
-        "target": torch.stack([it["target"] for it in items]),
-    }
