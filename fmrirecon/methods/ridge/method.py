@@ -32,6 +32,8 @@ from fmrirecon.errors import DatasetLayoutError
 from fmrirecon.io import read_json, save_safetensors_atomic, write_json_atomic
 from fmrirecon.methods.base import Capabilities, ReconMethod, RunData
 from fmrirecon.methods.ridge.model import RidgeFit, fit_ridge_cv, restandardize
+from fmrirecon.methods.ridge.pipeline import sample_images
+from fmrirecon.methods.ridge.train import image_targets, text_targets
 
 logger = logging.getLogger(__name__)
 
@@ -140,31 +142,14 @@ class RidgeMethod(ReconMethod):
             return self._injected
         return load_latent_diffusion(self.config.backbone, self.device, resolve_dtype(precision, self.device))
 
-    # ------------------------------------------------------------------ targets
+    # ------------------------------------------------------------------ targets (train.py)
     def image_targets(self, images_uint8: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) → float32 (N, C*h*w) VAE latents (posterior mean, scaled)."""
-        from tqdm.auto import tqdm
-
-        from fmrirecon.methods.targets import images_to_float, vae_latents
-
-        ld, bs, out = self.backbone, self.config.target_batch_size, []
-        for start in tqdm(range(0, len(images_uint8), bs), desc="VAE latents", leave=False):
-            batch = images_to_float(images_uint8[start : start + bs])
-            out.append(vae_latents(ld, batch).flatten(1).numpy())
-        return np.concatenate(out)
+        return image_targets(self.backbone, images_uint8, self.config.target_batch_size)
 
     def text_targets(self, captions: list[list[str]]) -> np.ndarray:
         """N lists of captions → float32 (N, L*D) text-encoder tokens averaged over each image's captions."""
-        from tqdm.auto import tqdm
-
-        from fmrirecon.methods.targets import caption_tokens
-
-        step = max(1, self.config.target_batch_size // 5)  # about target_batch_size captions per call
-        out = [
-            caption_tokens(self.backbone, captions[start : start + step]).flatten(1).numpy()
-            for start in tqdm(range(0, len(captions), step), desc="text tokens", leave=False)
-        ]
-        return np.concatenate(out)
+        return text_targets(self.backbone, captions, self.config.target_batch_size)
 
     # ---------------------------------------------------------------------- fit
     def fit(self, data: RunData, run_dir: str | os.PathLike, *, seed: int = 0) -> None:
@@ -263,53 +248,10 @@ class RidgeMethod(ReconMethod):
         variant: str | None = None,
         settings: RidgeReconstruction | None = None,
     ) -> np.ndarray:
-        """betas float32 (N, V) → uint8 (N, K, S, S, 3), S = the backbone's image size."""
-        import torch
-        from tqdm.auto import tqdm
-
-        from fmrirecon.backbones.sampling import ddim_sample
-
+        """betas float32 (N, V) → uint8 (N, K, S, S, 3), S = the backbone's image size (pipeline.py)."""
         variant = self.resolve_variant(variant)
         cfg = self.resolve_settings(settings)
-        if samples < 1:
-            raise ValueError(f"samples must be >= 1, got {samples}")
         z, c = self.predict(betas)
-        ld = self.backbone_in(cfg.precision)
-        dev, dtype = ld.device, ld.dtype
-        uncond = ld.empty_text_embedding()
-        n, bs = len(z), cfg.batch_size
-        out = []
-        with torch.no_grad():
-            for k in range(samples if variant == "img2img" else 1):
-                # one generator per sample, seeded from (seed, k), so sample k does not depend on batch size
-                generator = torch.Generator().manual_seed(
-                    int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
-                )
-                images = []
-                for start in tqdm(range(0, n, bs), desc=f"ridge {variant} sample {k}", leave=False):
-                    z_b = torch.from_numpy(z[start : start + bs]).to(dev, dtype)
-                    if variant == "latent":
-                        latents = z_b
-                    else:
-                        ctx = (
-                            torch.from_numpy(c[start : start + bs])
-                            if c is not None
-                            else uncond.expand(len(z_b), -1, -1)
-                        ).to(dev, dtype)
-                        latents = ddim_sample(
-                            ld,
-                            ctx,
-                            uncond=uncond,
-                            cfg_scale=cfg.cfg_scale,
-                            num_steps=cfg.num_steps,
-                            init_latents=z_b,
-                            strength=cfg.strength,
-                            generator=generator,
-                            progress=False,
-                        )
-                    images.append(ld.decode_latents(latents).float().cpu())
-                out.append(torch.cat(images))
-        stacked = torch.stack(out, dim=1)  # (N, K', 3, S, S)
-        if variant == "latent" and samples > 1:  # deterministic: every sample is the same decode
-            stacked = stacked.expand(-1, samples, -1, -1, -1)
-        return stacked.permute(0, 1, 3, 4, 2).mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
+        return sample_images(
+            self.backbone_in(cfg.precision), z, c, cfg, variant=variant, samples=samples, seed=seed
+        )
