@@ -164,12 +164,14 @@ def test_reconstruct_set_refuses_unknown_keys_and_wrong_types_in_one_message(set
 @pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="checks the message on a machine without GPU"
 )
-@pytest.mark.parametrize("command", ["train", "reconstruct", "evaluate"])
+@pytest.mark.parametrize("command", ["train", "reconstruct", "evaluate", "analyze", "demo"])
 def test_device_cuda_without_a_gpu_is_a_clear_error_not_a_cpu_fallback(setup, capsys, command):
     argv = {
         "train": setup["argv"] + setup["overrides"],
         "reconstruct": _reconstruct_argv(setup, setup["root"] / "unused"),
         "evaluate": ["evaluate", "--recon", str(setup["root"]), "--truth", str(setup["store"])],
+        "analyze": ["analyze", "encoding_map", "--run", str(setup["run"]), "--data", str(setup["store"])],
+        "demo": ["demo", "--quick", "--out", str(setup["root"] / "demo"), "--data", str(setup["root"] / "d")],
     }[command]
     assert main(argv + ["--device", "cuda:0"]) == 2
     assert "torch sees no CUDA GPU" in capsys.readouterr().err
