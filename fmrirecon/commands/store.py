@@ -4,7 +4,7 @@ from __future__ import annotations
 
 VERIFY_DESCRIPTION = (
     "Read every dataset of a prepared store: HDF5's Fletcher-32 checksum is checked by the read, and each "
-    "dataset's BLAKE2b digest is compared with the one recorded in manifest.json when the store was written. "
+    "dataset's SHA-256 digest is compared with the one recorded in manifest.json when the store was written. "
     "Prints each file as intact or corrupt (with the dataset and rows at fault) and exits with status 1 if "
     "any file is corrupt or missing."
 )
