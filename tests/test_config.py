@@ -107,3 +107,17 @@ def test_diff_configs_names_changed_nested_keys():
     old = config_to_dict(ExampleConfig())
     new = config_to_dict(apply_overrides(ExampleConfig(), ["decoder.hidden=8", "alphas=[1, 10]"]))
     assert diff_configs(old, new) == ["decoder.hidden: 1024 -> 8"]
+
+
+def test_yaml_base_file_is_read_first_and_nested_sections_merge_key_by_key(tmp_path):
+    from fmrirecon.config import read_yaml
+
+    (tmp_path / "world.yaml").write_text("a: 1\nsection: {x: 1, y: 2}\n")
+    (tmp_path / "quick.yaml").write_text("base: world.yaml\nsection: {y: 3}\n")
+    assert read_yaml(tmp_path / "quick.yaml") == {"a": 1, "section": {"x": 1, "y": 3}}
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="chain loops back"):
+        read_yaml(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml does not exist"):
+        read_yaml(tmp_path / "missing.yaml")
