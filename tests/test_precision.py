@@ -9,12 +9,13 @@ the layers of each network.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from fmrirecon.backbones.loader import load_clip, load_latent_diffusion
 from fmrirecon.backbones.sampling import ddim_sample
-from fmrirecon.device import autocast, resolve_dtype
+from fmrirecon.device import DTYPES, autocast, resolve_dtype
 from fmrirecon.errors import ConfigError
 
 
@@ -98,3 +99,79 @@ def test_precision_names_resolve_and_float16_on_cpu_is_refused():
         resolve_dtype("float16", "cpu")
     with pytest.raises(ConfigError, match="precision expects"):
         resolve_dtype("fp8", "cpu")
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _untrained_world_method(device: str):
+    """A NeuralDiffuser on the world backbones with tiny untrained decoders (subject 1, 30 voxels)."""
+    from fmrirecon.methods.neuraldiffuser import NeuralDiffuser, NeuralDiffuserMethodConfig
+    from fmrirecon.methods.neuraldiffuser.model import DecoderSizes, NeuralDiffuserModel
+    from fmrirecon.methods.neuraldiffuser.pipeline import ReconstructionSettings
+
+    sizes = DecoderSizes(
+        hidden_dim=32, mixer_blocks=1, projector_dim=16, prior_depth=1, prior_heads=2, prior_dim_head=8,
+        prior_sample_steps=3, resmlp_blocks=1, grid_channels=8, grid_size=8, upsampler_channels=(8, 8),
+        latent_projector_channels=8,
+    )  # fmt: skip
+    settings = ReconstructionSettings(
+        num_steps=4, strength=0.5, feature_guidance_scale=50.0, guidance_strength=0.5
+    )
+    config = NeuralDiffuserMethodConfig(
+        diffusion="world",
+        clip="world",
+        guidance_layers=(1, 2),
+        model=sizes,
+        reconstruction=settings,
+        progress=False,
+    )
+    method = NeuralDiffuser(config)
+    ld, clip = method.backbones()
+    with torch.no_grad():
+        layer = clip.image_hidden_states(torch.zeros(1, 3, ld.image_size, ld.image_size), [1])[0]
+    model_config = method.model_config(
+        {1: 30}, ld.empty_text_embedding().shape[1:], layer.shape[1:], ld.latent_shape
+    )
+    torch.manual_seed(0)
+    method.model, method.subject, method.n_voxels = NeuralDiffuserModel(model_config).eval(), 1, 30
+    return method.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_reconstruct_keeps_every_module_and_input_on_the_device_in_the_precision(device, precision):
+    """Every module called by ``reconstruct`` (decoders, UNet, VAE, CLIP) has its weights and its tensor
+    inputs on the requested device; backbone weights are in ``precision``, the decoders' float32 weights run
+    under autocast (their linear layers give ``precision`` outputs). No silent fall back to another device."""
+    from dataclasses import replace
+
+    method = _untrained_world_method(device)
+    settings = replace(method.config.reconstruction, precision=precision)
+    seen = []
+
+    def record(module, args, kwargs, output):
+        tensors = [a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)]
+        params = list(module.parameters(recurse=False))
+        seen.append((module, {t.device.type for t in tensors + params}, params, output))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record, with_kwargs=True)
+    try:
+        betas = np.random.default_rng(0).standard_normal((2, 30)).astype(np.float32)
+        images = method.reconstruct(betas, samples=2, seed=0, variant="guided", settings=settings)
+    finally:
+        handle.remove()
+    assert images.shape[:2] == (2, 2)
+    assert {d for _, devices, _, _ in seen for d in devices} == {torch.device(device).type}
+    ld, clip = method.backbones(precision)
+    want = DTYPES[precision]
+    assert {p.dtype for p in ld.unet.parameters()} == {p.dtype for p in clip.model.parameters()} == {want}
+    unet_calls = [p for m, _, p, _ in seen if m is ld.unet.conv_in]
+    assert unet_calls and all(p[0].dtype == want for p in unet_calls)
+    decoder_modules = {id(m) for m in method.model.modules()}
+    decoder_linear = [
+        (p, out) for m, _, p, out in seen if id(m) in decoder_modules and isinstance(m, torch.nn.Linear)
+    ]
+    assert decoder_linear and all(
+        p[0].dtype == torch.float32 and out.dtype == want for p, out in decoder_linear
+    )

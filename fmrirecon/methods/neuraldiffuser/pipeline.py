@@ -90,7 +90,9 @@ class FeatureGuidance:
             backward) under bfloat16 autocast, the dominant cost of the branch at every size; the UNet pass,
             the CLIP features (cheaper in float32 at world size, ~1 % of the step at SD size), the loss and
             the gradient that enters ``ε̂`` stay float32. A speed option, not in the paper.
-        history: the unscaled guidance loss ``Σ_l w_l·MSE_l`` (batch mean) at each guided step, filled in.
+        history: the unscaled guidance loss ``Σ_l w_l·MSE_l`` (batch mean) at each guided step, filled in
+            as 0-d tensors on the sampling device (a float here would make the host wait for the GPU at
+            every guided step); ``float(h)`` reads one.
     """
 
     targets: list[torch.Tensor]
@@ -101,7 +103,7 @@ class FeatureGuidance:
     tweedie: Literal["paper", "code"] = "paper"
     factors: Sequence[float] = PAPER_LAYER_FACTORS
     precision: Literal["float32", "bfloat16"] = "float32"
-    history: list[float] = field(default_factory=list)
+    history: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self):
         if self.tweedie not in ("paper", "code"):
@@ -142,7 +144,7 @@ class FeatureGuidance:
             images = self.decode(z_t_hat)
         feats = self.features(images.float())
         per_sample = self.feature_loss(feats)
-        self.history.append(float(per_sample.mean().detach()))
+        self.history.append(per_sample.mean().detach())
         # Summing over the batch keeps each sample's gradient independent of the batch size.
         (grad,) = torch.autograd.grad(self.feature_guidance_scale * per_sample.sum(), z_t)
         # Algorithm 1 line 8, ε̂ = ε + σ·∇; for a v-predicting UNet the same shift of ε is v + σ·∇/√ᾱ
@@ -164,6 +166,10 @@ class ReconstructionSettings:
             (:class:`FeatureGuidance`); ``"float32"`` (default) everywhere.
         use_prior: decode the text / guidance embeddings through the diffusion prior (§4.2.2); False uses the
             MLP-Mixer backbone's tokens directly.
+        precision: the backbones' weights (UNet, VAE, CLIP) in ``"float32"``, ``"bfloat16"`` or ``"float16"``
+            (GPU only), and the fMRI decoders under autocast in that type (issue 21; not in the paper, which
+            ran float32). The guidance loss and its gradient stay float32.
+        compile_unet: the sampler's no-grad UNet passes through ``torch.compile`` (CUDA graphs on a GPU).
     """
 
     num_steps: int = 50
@@ -177,6 +183,8 @@ class ReconstructionSettings:
     layer_factors: tuple[float, ...] = PAPER_LAYER_FACTORS
     guidance_precision: Literal["float32", "bfloat16"] = "float32"
     use_prior: bool = True
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    compile_unet: bool = False
 
     @property
     def steps_run(self) -> int:
@@ -277,9 +285,10 @@ def reconstruct_images(
             sag_scale=settings.sag_scale,
             generator=torch.Generator().manual_seed(seed + i),
             progress=progress,
+            compile_unet=settings.compile_unet,
         )
         if histories is not None:
-            histories.append(hook.history if hook is not None else [])
+            histories.append([float(h) for h in hook.history] if hook is not None else [])
         with torch.no_grad():
             outputs.append(ld.decode_latents(latents).float().clamp(0, 1).cpu())
     return torch.stack(outputs)
