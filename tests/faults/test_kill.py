@@ -18,9 +18,14 @@ from conftest import record, run_cli
 from fmrirecon.cli import main
 from fmrirecon.data.integrity import lock_run_dir, store_digest, unlock_run_dir
 
+# prepare on the tiny world writes for well under a second after a few seconds of imports: kill it once its
+# first output (the hidden temporary store folder) appears, within this many seconds.
+AFTER_FIRST_WRITE = {"prepare": 0.6}
 
-def _kill_at_random(args, rng, max_delay):
-    """Start ``fmrirecon ARGS``, SIGKILL it after a random delay; True if it was still running then."""
+
+def _kill_at_random(args, rng, max_delay, out=None, after_first_write=None):
+    """Start ``fmrirecon ARGS``, SIGKILL it after a random delay (counted from the first entry appearing in
+    ``out`` when ``after_first_write`` is given); True if it was still running then."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fmrirecon", *args],
@@ -28,7 +33,12 @@ def _kill_at_random(args, rng, max_delay):
         stderr=subprocess.DEVNULL,
         env=env,
     )
-    time.sleep(float(rng.uniform(0.5, max_delay)))
+    if after_first_write is not None:
+        while proc.poll() is None and not any(out.iterdir()):
+            time.sleep(0.02)
+        time.sleep(float(rng.uniform(0.0, after_first_write)))
+    else:
+        time.sleep(float(rng.uniform(0.5, max_delay)))
     killed = proc.poll() is None
     if killed:
         proc.send_signal(signal.SIGKILL)
@@ -82,7 +92,7 @@ def _kill_and_rerun(pipeline, tmp_path, step, seed, max_delay):
     out = tmp_path / f"{step}-{seed}"
     out.mkdir()
     args = pipeline.commands(out)[step]
-    killed = _kill_at_random(args, rng, max_delay)
+    killed = _kill_at_random(args, rng, max_delay, out, AFTER_FIRST_WRITE.get(step))
     again = run_cli(args)
     assert again.returncode == 0, again.stderr[-2000:]
     _outputs_equal(step, pipeline, out)
