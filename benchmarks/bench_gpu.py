@@ -218,6 +218,7 @@ def use_sampler_from(rev: str) -> None:
     'before' column; options it does not know are dropped)."""
     import inspect
     import subprocess
+    import sys
     import types
 
     from fmrirecon.backbones import sampling
@@ -227,6 +228,7 @@ def use_sampler_from(rev: str) -> None:
         cwd=HERE.parent,
     ).stdout  # fmt: skip
     old = types.ModuleType(f"sampling_{rev}")
+    sys.modules[old.__name__] = old  # dataclasses look their module up
     exec(compile(source, f"sampling@{rev}", "exec"), old.__dict__)
     known = set(inspect.signature(old.ddim_sample).parameters)
     sampling.ddim_sample = lambda *a, **kw: old.ddim_sample(*a, **{k: v for k, v in kw.items() if k in known})
