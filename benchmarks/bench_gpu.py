@@ -136,7 +136,7 @@ def neuraldiffuser_case(
     return {
         "s_per_image": best / samples,
         "peak_gib": peak,
-        "host_syncs_per_step": counter.total / settings.steps_run,
+        "host_syncs_per_step": counter.total / max(settings.steps_run, 1),
         "host_syncs": dict(counter.counts),
     }
 
