@@ -151,3 +151,12 @@ class _NoFeatures:
 
     def __call__(self, images):
         return {}
+
+
+def test_ssim_where_fastest_is_the_reference_on_the_cpu():
+    recons, truths = _pairs(3, 48)
+    gray_r, gray_t = DM.rgb_to_gray(torch.from_numpy(recons)), DM.rgb_to_gray(torch.from_numpy(truths))
+    expected = M.ssim(_gray(recons), _gray(truths), "per_column")
+    np.testing.assert_allclose(
+        DM.ssim_where_fastest(gray_r, gray_t, "per_column"), expected, atol=1e-6, rtol=0
+    )

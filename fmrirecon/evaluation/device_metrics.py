@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fmrirecon.evaluation.metrics import CONSTANT_ROW_ULPS, SSIM_KWARGS, UNDEFINED_CORRELATION
 
-__all__ = ["pixcorr", "rgb_to_gray", "ssim"]
+__all__ = ["pixcorr", "rgb_to_gray", "ssim", "ssim_where_fastest"]
 
 # scikit-image rgb2gray (ITU-R BT.709 luma)
 GRAY_WEIGHTS = (0.2125, 0.7154, 0.0721)
@@ -135,3 +135,14 @@ def ssim(recons, truths, variant: str = "2d", *, device=None) -> np.ndarray:
     vxy = filt(x * y) - ux * uy
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1).cpu().numpy()
+
+
+def ssim_where_fastest(recons: torch.Tensor, truths: torch.Tensor, variant: str = "2d") -> np.ndarray:
+    """:func:`ssim` where the gray images are, except on the CPU: there scikit-image (``metrics.ssim``) is
+    the faster of the two (scipy's filters ~6x torch's float64 convolutions: 32 pairs at 425 px, 0.7 s vs
+    4.2 s on one core), with the same numbers."""
+    if recons.device.type == "cpu":
+        from fmrirecon.evaluation.metrics import ssim as reference_ssim
+
+        return reference_ssim(recons.numpy(), truths.numpy(), variant)
+    return ssim(recons, truths, variant)

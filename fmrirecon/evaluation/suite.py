@@ -268,7 +268,7 @@ def _evaluate_recon(
             r, undefined = DM.pixcorr(r_pixel, t_pixel, return_undefined=True)
             image_scores("pixcorr", k, r, index, undefined)
             gray_r, gray_t = DM.rgb_to_gray(r_pixel), DM.rgb_to_gray(t_pixel)
-            image_scores("ssim", k, DM.ssim(gray_r, gray_t, preset.ssim_variant), index)
+            image_scores("ssim", k, DM.ssim_where_fastest(gray_r, gray_t, preset.ssim_variant), index)
             for net, extractor in extractors.items():
                 recon_feats.put(net, extractor(r_prep.network_input(preset, net)), start)
             if brain is not None:
