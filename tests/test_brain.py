@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from fmrirecon.data import brain as B
@@ -203,8 +204,13 @@ def test_session_effects_shift_raw_means_and_zscoring_removes_them(subject, scen
     across = np.median(_column_corr(zscore(s1), zscore(s2))[signal])
     same = np.median(_column_corr(zscore(s1), zscore(s1_again))[signal])
     assert across > 0.8 * same
-    # Session effects are fixed per subject and session, not drawn from the trial rng.
-    np.testing.assert_array_equal(subject.session_effects(2)[1], subject.session_effects(2)[1])
+    # Session effects are fixed per subject and session, not drawn from the trial rng: a rebuilt subject that
+    # first measures with another trial stream gets the same effects.
+    rebuilt = B.SimulatedSubject.from_spec(subject.spec)
+    rebuilt.measure(images[:5], np.full(5, 3), np.random.default_rng(99))
+    for session in (2, 3):
+        for mine, theirs in zip(rebuilt.session_effects(session), subject.session_effects(session)):
+            np.testing.assert_array_equal(mine, theirs)
     scale, offset = subject.session_effects(3)
     assert scale.shape == offset.shape == (subject.n_voxels,) and (scale > 0).all()
 
@@ -260,8 +266,31 @@ def test_spec_round_trip_rebuilds_the_identical_subject(subject, scenes):
     np.testing.assert_array_equal(rebuilt.session_effects(4)[0], subject.session_effects(4)[0])
 
 
+def _assert_same_state(a, b, where):
+    """Every array, tensor, number and string of two subjects' state is equal (recursing into containers)."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b, err_msg=where)
+    elif callable(a):
+        return  # bound helpers (the warp function) are rebuilt from the compared seed and parameters
+    else:
+        assert a == b, where
+
+
 def test_same_seed_same_subjects_other_seed_other_anatomy(subjects):
     again = B.make_subjects(1, seed=0, n_voxels_base=800)[0]
+    # two fresh builds (the fixture's subject may have filled its lazy session cache in other tests)
+    _assert_same_state(vars(again), vars(B.make_subjects(1, seed=0, n_voxels_base=800)[0]), "subject")
     np.testing.assert_array_equal(again.voxel_ijk, subjects[0].voxel_ijk)
     other = B.make_subjects(1, seed=1, n_voxels_base=800)[0]
     assert other.n_voxels == subjects[0].n_voxels
