@@ -236,3 +236,25 @@ def test_reads_the_evaluation_settings_as_the_suite_writes_them(fake, tmp_path):
     assert len(page.images) == (2 + 2) * 3
     assert "<th>ssim ↓</th>" in html and "<th>effnet ↓</th>" in html and "<th>pixcorr</th>" in html
     assert "<code>swav</code>: swav: no weights under &lt;script&gt;" in html
+
+
+def test_the_page_names_the_ground_truth_store_by_its_content_digest(fake, tmp_path):
+    from fmrirecon.data.integrity import store_digest
+    from fmrirecon.data.prepare import prepare_nsd
+    from fmrirecon.data.synthetic import write_synthetic_nsd
+
+    root = write_synthetic_nsd(
+        tmp_path / "root",
+        n_subjects=1,
+        n_shared=4,
+        n_unique=8,
+        n_repeats=1,
+        max_sessions=1,
+        n_voxels_base=250,
+        formats=("hdf5",),
+        progress=False,
+    )
+    store = prepare_nsd(root, tmp_path / "store", betas_format="hdf5", progress=False)
+    digest = store_digest(store)
+    html = build_report([fake.metrics], tmp_path / "r.html", truth=store).read_text()
+    assert f"(store digest {digest})" in html and not digest.startswith("unsealed:")

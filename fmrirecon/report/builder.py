@@ -254,6 +254,15 @@ def _analysis_section(analysis) -> dict[str, Any]:
     }
 
 
+def _truth_digest(truth_path: Path | None) -> str | None:
+    """Content digest of the ground-truth store (issue 25), or None for a folder of PNGs / no truth."""
+    if truth_path is None or not (Path(truth_path) / "manifest.json").is_file():
+        return None
+    from fmrirecon.data.integrity import store_digest
+
+    return store_digest(truth_path)
+
+
 def render_report(
     inputs: ReportInputs,
     *,
@@ -326,6 +335,7 @@ def render_report(
         version=__version__,
         generated=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         truth_path=str(truth_path) if truth_path else None,
+        truth_digest=_truth_digest(truth_path),
         max_images=max_images,
         sections=sections,
         skipped=all_skipped,
